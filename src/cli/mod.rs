@@ -1,0 +1,64 @@
+//! The command line: the same core functions the studio calls, for scripts and terminals.
+
+mod import;
+mod tasks;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// MoI Studio: curate multi-task instruction data and fine-tune a model with
+/// Mixture-of-Instructions. Run without a command to open the studio.
+#[derive(Debug, Parser)]
+#[command(name = "moi-studio", version, about, long_about = None)]
+pub struct Cli {
+    /// Project file to open in the studio (default: the built-in demo project).
+    pub project: Option<PathBuf>,
+    /// What to do; without one the studio opens.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The CLI commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Import a dataset file and print what was read and what was rejected.
+    Import(import::ImportArgs),
+    /// List a project's tasks with their record and rejection counts.
+    Tasks(tasks::TasksArgs),
+}
+
+/// One line per command, for messages that tell a user what else they can do.
+pub fn command_summary() -> String {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let mut out = String::new();
+    for sub in cmd.get_subcommands() {
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        out.push_str(&format!("  moi-studio {:<8} {about}\n", sub.get_name()));
+    }
+    out
+}
+
+/// Runs a CLI command and returns the process exit code.
+pub fn run(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Import(args) => import::run(args),
+        Command::Tasks(args) => tasks::run(args),
+    }
+}
+
+/// A progress bar on stderr for a byte count, hidden when stderr is not a terminal.
+pub(crate) fn byte_bar(total: u64, message: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr_with_hz(10),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(message);
+    bar
+}

@@ -1,0 +1,107 @@
+//! File-system helpers: atomic writes and relative paths.
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, flushed
+/// to disk and renamed over `path`, so a crash leaves either the old file or the new one whole.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".moi-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    // Make the rename itself durable (best effort: not every platform can open a folder).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// `path` written relative to the folder `base` when both are absolute and share a root;
+/// otherwise `path` unchanged.
+pub fn relative_to(path: &Path, base: &Path) -> PathBuf {
+    if !(path.is_absolute() && base.is_absolute()) {
+        return path.to_path_buf();
+    }
+    let path = normalize(path);
+    let base = normalize(base);
+    let p: Vec<Component> = path.components().collect();
+    let b: Vec<Component> = base.components().collect();
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    if common == 0 {
+        return path;
+    }
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c.as_os_str());
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// Removes `.` and resolves `..` lexically (without touching the file system).
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(
+            relative_to(Path::new("/a/b/data/x.jsonl"), Path::new("/a/b/proj")),
+            PathBuf::from("../data/x.jsonl")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/b/x.jsonl"), Path::new("/a/b")),
+            PathBuf::from("x.jsonl")
+        );
+        assert_eq!(
+            relative_to(Path::new("rel/x"), Path::new("/a")),
+            PathBuf::from("rel/x")
+        );
+        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        write_atomic(&path, b"first version, long").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}

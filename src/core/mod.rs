@@ -1,0 +1,10 @@
+//! Pure logic: records and import, tasks and the project file. No GUI and no model code lives
+//! here, so everything can be tested without a window or a tensor library.
+
+pub mod dataset;
+pub mod fsutil;
+pub mod import;
+pub mod presets;
+pub mod project;
+pub mod record;
+pub mod split;

@@ -1,0 +1,196 @@
+//! The command line on real files: exit codes, text and JSON output.
+
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn studio() -> Command {
+    let mut cmd = Command::cargo_bin("moi-studio").unwrap();
+    cmd.current_dir(root());
+    cmd
+}
+
+fn json_of(output: &[u8]) -> Value {
+    serde_json::from_slice(output)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(output)))
+}
+
+#[test]
+fn import_json_report_of_a_good_file() {
+    let out = studio()
+        .args(["import", "assets/datasets/gsm8k.jsonl", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out.stdout);
+    assert_eq!(v["format"], "alpaca");
+    assert_eq!(v["records"], 100);
+    assert_eq!(v["rejected"], 0);
+    assert!(v["file"].as_str().unwrap().ends_with("gsm8k.jsonl"));
+    assert_eq!(v["rejections"], Value::Array(vec![]));
+}
+
+#[test]
+fn import_lists_rejections_with_lines() {
+    let out = studio()
+        .args(["import", "tests/data/bad_records.jsonl", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out.stdout);
+    assert_eq!(v["records"], 3);
+    assert_eq!(v["rejected"], 7);
+    assert_eq!(v["rejections"][0]["line"], 2);
+    assert_eq!(
+        v["rejections"][0]["reason"],
+        "\"output\" is a number, expected text"
+    );
+
+    let text = studio()
+        .args(["import", "tests/data/bad_records.jsonl"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        stdout.contains("3 records imported, 7 rejected"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("line 2: \"output\" is a number, expected text"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn import_exits_1_when_nothing_imports() {
+    let out = studio()
+        .args(["import", "tests/data/empty.jsonl", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v = json_of(&out.stdout);
+    assert_eq!(v["records"], 0);
+    assert!(v["error"].as_str().unwrap().contains("empty"));
+
+    let out = studio()
+        .args(["import", "tests/data/image.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("PNG image") && stderr.contains("image.jsonl"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn import_with_format_and_mapping() {
+    let out = studio()
+        .args([
+            "import",
+            "tests/data/code.csv",
+            "--map",
+            "user=question",
+            "--map",
+            "assistant=solution",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out.stdout);
+    assert_eq!(v["records"], 3);
+    assert_eq!(v["kind"], "csv");
+
+    let bad = studio()
+        .args(["import", "tests/data/code.csv", "--format", "nonsense"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown format 'nonsense'"));
+}
+
+#[test]
+fn tasks_of_the_demo_project() {
+    let out = studio()
+        .args(["tasks", "presets/demo.moi.toml", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out.stdout);
+    assert_eq!(v["default_system_prompt"], "You are a helpful assistant.");
+    let tasks = v["tasks"].as_array().unwrap();
+    let summary: Vec<(String, u64, u64, u64)> = tasks
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["records"].as_u64().unwrap(),
+                t["rejected"].as_u64().unwrap(),
+                t["eval_records"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("math".to_string(), 100, 0, 10),
+            ("code".to_string(), 164, 0, 16),
+            ("tool use".to_string(), 400, 0, 40)
+        ]
+    );
+    assert_eq!(tasks[1]["system_prompt"], "You are a programmer.");
+
+    let text = studio()
+        .args(["tasks", "presets/demo.moi.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("tool use") && l.contains("400")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn tasks_reports_a_broken_project_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.moi.toml");
+    std::fs::write(&path, "name = \"x\"\n[[tasks]]\nname = 3\n").unwrap();
+    let out = studio().arg("tasks").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("line 3") && stderr.contains("p.moi.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn no_display_names_the_cli_commands() {
+    let out = studio()
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("no display found"), "{stderr}");
+    assert!(
+        stderr.contains("moi-studio import") && stderr.contains("moi-studio tasks"),
+        "{stderr}"
+    );
+}
