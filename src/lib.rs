@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod core;
+pub mod train;
 pub mod ui;
 
 use std::path::PathBuf;

@@ -78,7 +78,10 @@ fn bad_records_are_rejected_one_by_one_and_good_ones_kept() {
         "{}",
         reason(4)
     );
-    assert!(reason(7).starts_with("not valid JSON"), "{}", reason(7));
+    assert_eq!(
+        reason(7),
+        "not JSON: the record starts with \"this line is not json at all\""
+    );
     assert_eq!(reason(8), "expected a JSON object, found a list");
     assert_eq!(reason(9), "the last assistant message is empty");
     assert_eq!(reason(10), "\"instruction\" is null, expected text");

@@ -71,6 +71,13 @@ fn parse_json(bytes: &[u8]) -> Result<Value, String> {
         ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
+        if e.line() <= 1 && e.column() <= 2 && !bytes.starts_with(b"{") && !bytes.starts_with(b"[")
+        {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+            let shown: String = text.chars().take(30).collect();
+            let more = if shown.len() < bytes.len() { "…" } else { "" };
+            return format!("not JSON: the record starts with \"{shown}{more}\"");
+        }
         let what = match e.classify() {
             serde_json::error::Category::Eof => "the record is cut off",
             _ => "not valid JSON",
