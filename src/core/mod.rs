@@ -7,4 +7,6 @@ pub mod import;
 pub mod presets;
 pub mod project;
 pub mod record;
+pub mod sampling;
 pub mod split;
+pub mod template;

@@ -1,0 +1,468 @@
+//! Chat templates: built-in ChatML and Llama-3, or any tokenizer's own Jinja `chat_template`,
+//! rendered with minijinja set up the way Hugging Face renders them (trim_blocks, lstrip_blocks,
+//! loop controls, `raise_exception`, `tojson`, `strftime_now`, Python string methods).
+//!
+//! Rendering a conversation also finds where each message's text landed, so the tokenizer can
+//! label exactly the assistant's words and its end-of-turn marker.
+
+use std::ops::Range;
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind, Value, context};
+use serde::{Deserialize, Serialize};
+
+use crate::core::record::Role;
+
+/// A built-in template, or the tokenizer's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateChoice {
+    /// `<|im_start|>role\n…<|im_end|>\n` (Qwen, SmolLM2).
+    #[default]
+    Chatml,
+    /// `<|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>` (Llama 3).
+    Llama3,
+    /// The `chat_template` of the model's `tokenizer_config.json`.
+    Tokenizer,
+}
+
+/// ChatML, written for this project.
+const CHATML: &str = "{%- for message in messages -%}\
+{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}";
+
+/// Llama 3's header/eot layout, written for this project.
+const LLAMA3: &str = "{{- bos_token -}}\
+{%- for message in messages -%}\
+{{ '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}";
+
+/// One message as templates see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// "system", "user", "assistant" or "tool".
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from a role and its text.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role: role.as_str().to_string(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Where one message's text landed in the rendered string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageSpan {
+    /// Index of the message in the conversation.
+    pub message: usize,
+    /// Its role.
+    pub role: String,
+    /// Byte range of its text in the rendered string; for assistant messages it also covers the
+    /// end-of-turn marker that follows.
+    pub range: Range<usize>,
+}
+
+/// A rendered conversation and where its messages are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The text the template produced.
+    pub text: String,
+    /// One span per message, in order.
+    pub spans: Vec<MessageSpan>,
+}
+
+impl Rendered {
+    /// Byte ranges to train on: assistant messages (with their end marker).
+    pub fn assistant_ranges(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        self.spans
+            .iter()
+            .filter(|s| s.role == "assistant")
+            .map(|s| s.range.clone())
+    }
+}
+
+/// Why a template could not be loaded or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The Jinja source does not compile, or rendering raised an error.
+    #[error("chat template error: {0}")]
+    Jinja(String),
+    /// The tokenizer config could not be read.
+    #[error("cannot read the chat template from {}: {why}", path.display())]
+    Config {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    /// A message's text is not in the rendered string, so its tokens cannot be found.
+    #[error(
+        "the chat template changes the text of message {message} ({role}), so its tokens cannot \
+         be found in the rendered conversation"
+    )]
+    Unlocatable { message: usize, role: String },
+}
+
+impl From<minijinja::Error> for TemplateError {
+    fn from(e: minijinja::Error) -> Self {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        TemplateError::Jinja(text)
+    }
+}
+
+/// A compiled chat template with its special tokens.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// The BOS token text templates may insert (`bos_token`), empty if none.
+    pub bos_token: String,
+    /// The EOS token text (`eos_token`).
+    pub eos_token: String,
+    /// The marker that ends an assistant turn (e.g. `<|im_end|>`), found by probing the template.
+    pub end_of_turn: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("end_of_turn", &self.end_of_turn)
+            .finish()
+    }
+}
+
+/// Writes JSON the way Python's `json.dumps(ensure_ascii=False)` does: `", "` and `": "`
+/// separators, or an indented layout when asked.
+fn python_json(value: &serde_json::Value, indent: Option<usize>) -> String {
+    fn write(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+        let newline = |out: &mut String, depth: usize| {
+            if let Some(n) = indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(n * depth));
+            }
+        };
+        match v {
+            serde_json::Value::Array(items) if !items.is_empty() => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(if indent.is_some() { "," } else { ", " });
+                    }
+                    newline(out, depth + 1);
+                    write(item, indent, depth + 1, out);
+                }
+                newline(out, depth);
+                out.push(']');
+            }
+            serde_json::Value::Object(map) if !map.is_empty() => {
+                out.push('{');
+                for (i, (k, item)) in map.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(if indent.is_some() { "," } else { ", " });
+                    }
+                    newline(out, depth + 1);
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push_str(": ");
+                    write(item, indent, depth + 1, out);
+                }
+                newline(out, depth);
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(value, indent, 0, &mut out);
+    out
+}
+
+/// The environment HF templates expect.
+fn hf_environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    // HF renders with trim_blocks and lstrip_blocks on; these options always build.
+    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+    {
+        env.set_syntax(syntax);
+    }
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
+    env.add_function("strftime_now", |format: String| -> String {
+        jiff::Zoned::now().strftime(&format).to_string()
+    });
+    env.add_filter(
+        "tojson",
+        |value: Value, kwargs: minijinja::value::Kwargs| -> Result<Value, minijinja::Error> {
+            let indent: Option<usize> = kwargs.get("indent")?;
+            kwargs.assert_all_used()?;
+            let json = serde_json::to_value(&value).map_err(|e| {
+                minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}"))
+            })?;
+            Ok(Value::from_safe_string(python_json(&json, indent)))
+        },
+    );
+    env
+}
+
+impl ChatTemplate {
+    /// A template from Jinja source and its special tokens.
+    pub fn from_source(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<Self, TemplateError> {
+        let mut env = hf_environment();
+        env.add_template_owned("chat", source.to_string())?;
+        let mut template = Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            end_of_turn: String::new(),
+        };
+        template.end_of_turn = template.probe_end_of_turn()?;
+        Ok(template)
+    }
+
+    /// The built-in ChatML template.
+    pub fn chatml() -> Self {
+        // The built-in source is fixed and covered by tests; it always compiles.
+        Self::from_source(CHATML, "", "<|im_end|>").unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    /// The built-in Llama-3 template.
+    pub fn llama3() -> Self {
+        Self::from_source(LLAMA3, "<|begin_of_text|>", "<|eot_id|>")
+            .unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    /// Reads `chat_template`, `bos_token` and `eos_token` from a `tokenizer_config.json`.
+    pub fn from_tokenizer_config(path: &Path) -> Result<Self, TemplateError> {
+        let config_err = |why: String| TemplateError::Config {
+            path: path.to_path_buf(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| config_err(e.to_string()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| config_err(e.to_string()))?;
+        let token = |key: &str| -> String {
+            match config.get(key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Object(o)) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+                _ => String::new(),
+            }
+        };
+        let source = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            // A list of named templates: take the default one.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template").and_then(|s| s.as_str()))
+                .ok_or_else(|| config_err("no template named \"default\"".to_string()))?
+                .to_string(),
+            _ => return Err(config_err("it has no chat_template".to_string())),
+        };
+        Self::from_source(&source, &token("bos_token"), &token("eos_token"))
+    }
+
+    /// Renders `messages` to text.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_value(
+            Value::from(minijinja::value::Serde(messages)),
+            Value::from(()),
+            add_generation_prompt,
+        )
+    }
+
+    /// Renders messages given as JSON (any fields the template reads: `tool_calls`,
+    /// `reasoning_content` …), with an optional list of tools.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_value(
+            Value::from(minijinja::value::Serde(messages)),
+            Value::from(minijinja::value::Serde(tools)),
+            add_generation_prompt,
+        )
+    }
+
+    fn render_value(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let template = self.env.get_template("chat")?;
+        Ok(template.render(context! {
+            messages => messages,
+            tools => tools,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })?)
+    }
+
+    /// Renders `messages` and finds each message's text in the result. Assistant spans are
+    /// extended over the end-of-turn marker that follows them.
+    pub fn render_with_spans(&self, messages: &[ChatMessage]) -> Result<Rendered, TemplateError> {
+        let text = self.render(messages, false)?;
+        let mut spans = Vec::with_capacity(messages.len());
+        let mut cursor = 0;
+        for (i, m) in messages.iter().enumerate() {
+            let unlocatable = || TemplateError::Unlocatable {
+                message: i + 1,
+                role: m.role.clone(),
+            };
+            // Templates may trim the text; look for it as written, then trimmed.
+            let needle = if text[cursor..].contains(m.content.as_str()) {
+                m.content.as_str()
+            } else {
+                m.content.trim()
+            };
+            let start = if needle.is_empty() {
+                cursor
+            } else {
+                cursor + text[cursor..].find(needle).ok_or_else(unlocatable)?
+            };
+            let mut end = start + needle.len();
+            if m.role == "assistant"
+                && !self.end_of_turn.is_empty()
+                && text[end..].starts_with(&self.end_of_turn)
+            {
+                end += self.end_of_turn.len();
+            }
+            spans.push(MessageSpan {
+                message: i,
+                role: m.role.clone(),
+                range: start..end,
+            });
+            cursor = end;
+        }
+        Ok(Rendered { text, spans })
+    }
+
+    /// Finds what the template writes right after an assistant's text: its end-of-turn marker.
+    fn probe_end_of_turn(&self) -> Result<String, TemplateError> {
+        const ANSWER: &str = "MOI_PROBE_ANSWER";
+        let probe = [
+            ChatMessage::new(Role::User, "MOI_PROBE_QUESTION"),
+            ChatMessage::new(Role::Assistant, ANSWER),
+        ];
+        let text = self.render(&probe, false)?;
+        let Some(at) = text.rfind(ANSWER) else {
+            return Ok(String::new());
+        };
+        let after = &text[at + ANSWER.len()..];
+        Ok(after
+            .split(|c: char| c.is_whitespace())
+            .next()
+            .unwrap_or("")
+            .to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage::new(Role::System, "You are a programmer."),
+            ChatMessage::new(Role::User, "Add 1 and 2."),
+            ChatMessage::new(Role::Assistant, "3"),
+        ]
+    }
+
+    #[test]
+    fn chatml_renders_exactly() {
+        let t = ChatTemplate::chatml();
+        assert_eq!(
+            t.render(&conv(), false).unwrap(),
+            "<|im_start|>system\nYou are a programmer.<|im_end|>\n<|im_start|>user\nAdd 1 and 2.<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"
+        );
+        assert!(
+            t.render(&conv()[..2], true)
+                .unwrap()
+                .ends_with("<|im_start|>assistant\n")
+        );
+        assert_eq!(t.end_of_turn, "<|im_end|>");
+    }
+
+    #[test]
+    fn llama3_renders_exactly() {
+        let t = ChatTemplate::llama3();
+        assert_eq!(
+            t.render(&conv(), false).unwrap(),
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a programmer.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAdd 1 and 2.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n3<|eot_id|>"
+        );
+        assert_eq!(t.end_of_turn, "<|eot_id|>");
+    }
+
+    #[test]
+    fn spans_cover_assistant_text_and_end_marker() {
+        let t = ChatTemplate::chatml();
+        let r = t.render_with_spans(&conv()).unwrap();
+        let trained: Vec<&str> = r.assistant_ranges().map(|s| &r.text[s]).collect();
+        assert_eq!(trained, ["3<|im_end|>"]);
+        assert_eq!(&r.text[r.spans[0].range.clone()], "You are a programmer.");
+        // The answer "3" also appears nowhere earlier, but "1" would: spans follow message order.
+        let tricky = vec![
+            ChatMessage::new(Role::User, "Say 2 then 2"),
+            ChatMessage::new(Role::Assistant, "2"),
+        ];
+        let r = t.render_with_spans(&tricky).unwrap();
+        let span = r.assistant_ranges().next().unwrap();
+        assert!(span.start > r.text.find("Say 2 then 2").unwrap() + 12);
+    }
+
+    #[test]
+    fn helpers_behave_like_hf() {
+        let t = ChatTemplate::from_source(
+            "{{ tools | tojson }}|{{ {'a': [1, 2]} | tojson(indent=2) }}|{% for x in [1,2,3] %}{% if x == 2 %}{% continue %}{% endif %}{{ x }}{% endfor %}|{{ 'abc'.startswith('a') }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let out = t
+            .env
+            .get_template("chat")
+            .unwrap()
+            .render(context! { tools => Value::from(minijinja::value::Serde(serde_json::json!([{"name": "f", "x": "é<"}]))) })
+            .unwrap();
+        assert_eq!(
+            out,
+            "[{\"name\": \"f\", \"x\": \"é<\"}]|{\n  \"a\": [\n    1,\n    2\n  ]\n}|13|True"
+        );
+        let raising = ChatTemplate::from_source("{{ raise_exception('no tools here') }}", "", "");
+        assert!(matches!(raising, Err(TemplateError::Jinja(m)) if m.contains("no tools here")));
+    }
+}
