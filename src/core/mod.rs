@@ -4,6 +4,7 @@
 pub mod dataset;
 pub mod fsutil;
 pub mod import;
+pub mod packing;
 pub mod presets;
 pub mod project;
 pub mod record;
