@@ -1,6 +1,7 @@
 //! The command line: the same core functions the studio calls, for scripts and terminals.
 
 mod import;
+mod mix;
 mod tasks;
 
 use std::path::PathBuf;
@@ -26,6 +27,10 @@ pub enum Command {
     Import(import::ImportArgs),
     /// List a project's tasks with their record and rejection counts.
     Tasks(tasks::TasksArgs),
+    /// Show the task mixture and the packed rows a project makes.
+    Preview(mix::PreviewArgs),
+    /// Write a project's packed training rows (parquet or JSONL) and mixed conversations.
+    Pack(mix::PackArgs),
 }
 
 /// One line per command, for messages that tell a user what else they can do.
@@ -45,6 +50,8 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Import(args) => import::run(args),
         Command::Tasks(args) => tasks::run(args),
+        Command::Preview(args) => mix::run_preview(args),
+        Command::Pack(args) => mix::run_pack(args),
     }
 }
 

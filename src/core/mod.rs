@@ -1,9 +1,11 @@
 //! Pure logic: records and import, tasks and the project file. No GUI and no model code lives
 //! here, so everything can be tested without a window or a tensor library.
 
+pub mod bpe;
 pub mod dataset;
 pub mod fsutil;
 pub mod import;
+pub mod mixing;
 pub mod packing;
 pub mod presets;
 pub mod project;
@@ -11,3 +13,4 @@ pub mod record;
 pub mod sampling;
 pub mod split;
 pub mod template;
+pub mod tokenize;

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::fsutil::{normalize, relative_to, write_atomic};
 use crate::core::import::{ColumnMapping, Format, ImportOptions};
+use crate::core::mixing::MixSettings;
+use crate::core::packing::PackSettings;
 use crate::core::record::SystemRule;
 
 /// The project-file layout this build writes.
@@ -112,6 +114,12 @@ pub struct Project {
     /// Seed for every random choice (eval split, sampling, shuffling).
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Sampling, template and label settings.
+    #[serde(default)]
+    pub mixing: MixSettings,
+    /// Packing settings.
+    #[serde(default)]
+    pub packing: PackSettings,
     /// The tasks, in display order.
     #[serde(default)]
     pub tasks: Vec<Task>,
@@ -131,6 +139,8 @@ impl Default for Project {
             name: String::new(),
             default_system_prompt: default_system_prompt(),
             seed: default_seed(),
+            mixing: MixSettings::default(),
+            packing: PackSettings::default(),
             tasks: Vec::new(),
             other: toml::Table::new(),
             base_dir: PathBuf::from("."),

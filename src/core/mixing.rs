@@ -1,0 +1,429 @@
+//! The mixing engine end to end: a project's records tokenized under their task prompts, sampled
+//! by the chosen strategy, packed by the chosen mode; and the two previews the studio and the CLI
+//! show (mixture and packing).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::core::bpe::train_bpe;
+use crate::core::dataset::TaskData;
+use crate::core::packing::{
+    OverlongCounts, PackMode, PackPlan, PackSettings, PackedRow, SampleInfo, SampleTokens,
+    SegmentKind, build_row, plan,
+};
+use crate::core::project::Project;
+use crate::core::record::Origin;
+use crate::core::sampling::{MixturePreview, SampleRef, Strategy, TaskSize, sample_epoch};
+use crate::core::template::{ChatTemplate, TemplateChoice};
+use crate::core::tokenize::{LabelOptions, conversation, tokenize_prefix, tokenize_records};
+
+/// Vocabulary size of the built-in tokenizer trained on the project's text.
+pub const BUILTIN_VOCAB: usize = 4096;
+
+/// The sampling strategy as stored in the project file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyKind {
+    /// Natural proportions.
+    Natural,
+    /// Equal samples per task.
+    #[default]
+    Balanced,
+    /// size^(1/T).
+    Temperature,
+    /// Task weights.
+    Weights,
+}
+
+/// Mixing settings, the project's `[mixing]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MixSettings {
+    /// Sampling strategy for the `balanced` and `moi` modes.
+    pub strategy: StrategyKind,
+    /// Temperature for the temperature strategy.
+    pub temperature: f64,
+    /// Epochs to train.
+    pub epochs: u32,
+    /// Chat template.
+    pub template: TemplateChoice,
+    /// A `tokenizer.json` (relative to the project file); the built-in tokenizer when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// The `tokenizer_config.json` holding the chat template, for `template = "tokenizer"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer_config: Option<PathBuf>,
+    /// Which tokens are trained.
+    pub labels: LabelOptions,
+}
+
+impl Default for MixSettings {
+    fn default() -> Self {
+        Self {
+            strategy: StrategyKind::Balanced,
+            temperature: 2.0,
+            epochs: 1,
+            template: TemplateChoice::Chatml,
+            tokenizer: None,
+            tokenizer_config: None,
+            labels: LabelOptions::default(),
+        }
+    }
+}
+
+impl MixSettings {
+    /// The sampling strategy these settings describe.
+    pub fn strategy(&self) -> Strategy {
+        match self.strategy {
+            StrategyKind::Natural => Strategy::Natural,
+            StrategyKind::Balanced => Strategy::Balanced,
+            StrategyKind::Temperature => Strategy::Temperature {
+                t: self.temperature,
+            },
+            StrategyKind::Weights => Strategy::Weights,
+        }
+    }
+}
+
+/// Why the engine could not get ready.
+#[derive(Debug, thiserror::Error)]
+pub enum MixError {
+    /// The tokenizer could not be loaded or trained.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template could not be loaded.
+    #[error(transparent)]
+    Template(#[from] crate::core::template::TemplateError),
+}
+
+/// Loads the project's tokenizer, or trains the built-in one on its records.
+pub fn load_tokenizer(
+    project: &Project,
+    settings: &MixSettings,
+    data: &[TaskData],
+) -> Result<Tokenizer, MixError> {
+    match &settings.tokenizer {
+        Some(path) => {
+            let path = project.resolve(path);
+            Tokenizer::from_file(&path)
+                .map_err(|e| MixError::Tokenizer(format!("{e} ({})", path.display())))
+        }
+        None => {
+            let texts: Vec<String> = data
+                .iter()
+                .zip(&project.tasks)
+                .flat_map(|(d, t)| {
+                    d.records.iter().map(move |r| {
+                        conversation(r, &t.system_prompt, t.system_rule)
+                            .into_iter()
+                            .map(|m| m.content)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                })
+                .chain(std::iter::once(project.default_system_prompt.clone()))
+                .collect();
+            train_bpe(texts.into_iter(), BUILTIN_VOCAB).map_err(MixError::Tokenizer)
+        }
+    }
+}
+
+/// Loads the chat template the settings name.
+pub fn load_template(project: &Project, settings: &MixSettings) -> Result<ChatTemplate, MixError> {
+    Ok(match settings.template {
+        TemplateChoice::Chatml => ChatTemplate::chatml(),
+        TemplateChoice::Llama3 => ChatTemplate::llama3(),
+        TemplateChoice::Tokenizer => {
+            let path = settings.tokenizer_config.as_deref().map_or_else(
+                || {
+                    settings
+                        .tokenizer
+                        .as_deref()
+                        .and_then(Path::parent)
+                        .map(|p| p.join("tokenizer_config.json"))
+                        .unwrap_or_else(|| PathBuf::from("tokenizer_config.json"))
+                },
+                Path::to_path_buf,
+            );
+            ChatTemplate::from_tokenizer_config(&project.resolve(&path))?
+        }
+    })
+}
+
+/// One task's tokenized training samples.
+#[derive(Debug, Clone)]
+pub struct PreparedTask {
+    /// The task's name.
+    pub name: String,
+    /// Tokenized training records, in the task's record order (eval records left out).
+    pub samples: Vec<SampleTokens>,
+    /// Where each sample came from.
+    pub origins: Vec<Origin>,
+    /// Index of each sample's record in the task's [`TaskData::records`].
+    pub record_index: Vec<usize>,
+    /// Records the template or tokenizer could not handle, with why.
+    pub failed: Vec<(Origin, String)>,
+    /// Sampling weight.
+    pub weight: f64,
+}
+
+impl PreparedTask {
+    /// Tokens in all samples.
+    pub fn tokens(&self) -> u64 {
+        self.samples.iter().map(|s| s.input_ids.len() as u64).sum()
+    }
+}
+
+/// Everything packing needs: every task's samples and the default-prompt prefix.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Tasks in project order.
+    pub tasks: Vec<PreparedTask>,
+    /// The default system prompt, tokenized.
+    pub prefix: SampleTokens,
+}
+
+impl Prepared {
+    /// Tokenizes every task's training records.
+    pub fn build(
+        project: &Project,
+        data: &[TaskData],
+        tokenizer: &Tokenizer,
+        template: &ChatTemplate,
+        labels: LabelOptions,
+    ) -> Result<Self, MixError> {
+        let mut tasks = Vec::with_capacity(project.tasks.len());
+        for (task, d) in project.tasks.iter().zip(data) {
+            let train: Vec<usize> = (0..d.records.len()).filter(|&i| !d.is_eval[i]).collect();
+            let records: Vec<_> = train.iter().map(|&i| &d.records[i]).collect();
+            let results = tokenize_records(
+                tokenizer,
+                template,
+                &records,
+                &task.system_prompt,
+                task.system_rule,
+                labels,
+            );
+            let mut prepared = PreparedTask {
+                name: task.name.clone(),
+                samples: Vec::with_capacity(records.len()),
+                origins: Vec::with_capacity(records.len()),
+                record_index: Vec::with_capacity(records.len()),
+                failed: Vec::new(),
+                weight: task.weight,
+            };
+            for ((record, &index), result) in records.iter().zip(&train).zip(results) {
+                match result {
+                    Ok(s) => {
+                        prepared.samples.push(s);
+                        prepared.origins.push(record.origin);
+                        prepared.record_index.push(index);
+                    }
+                    Err(e) => prepared.failed.push((record.origin, e.to_string())),
+                }
+            }
+            tasks.push(prepared);
+        }
+        let prefix = tokenize_prefix(tokenizer, template, &project.default_system_prompt)
+            .map_err(|e| MixError::Tokenizer(e.to_string()))?;
+        Ok(Self { tasks, prefix })
+    }
+
+    /// Sizes for the sampler.
+    pub fn task_sizes(&self) -> Vec<TaskSize> {
+        self.tasks
+            .iter()
+            .map(|t| TaskSize {
+                name: t.name.clone(),
+                records: t.samples.len(),
+                weight: t.weight,
+            })
+            .collect()
+    }
+
+    /// The sample a reference points at.
+    pub fn sample(&self, s: SampleRef) -> &SampleTokens {
+        &self.tasks[s.task as usize].samples[s.record as usize]
+    }
+
+    /// Lengths of a sample, for the planner.
+    pub fn info(&self, s: SampleRef) -> SampleInfo {
+        let t = self.sample(s);
+        SampleInfo {
+            len: t.input_ids.len() as u32,
+            trained: t.labels.iter().filter(|&&l| l >= 0).count() as u32,
+        }
+    }
+
+    /// The mixture preview for these settings.
+    pub fn mixture(&self, mode: PackMode, settings: &MixSettings) -> MixturePreview {
+        let tokens: Vec<u64> = self.tasks.iter().map(PreparedTask::tokens).collect();
+        MixturePreview::build(
+            &self.task_sizes(),
+            &tokens,
+            mode.strategy(settings.strategy()),
+            settings.epochs,
+        )
+    }
+
+    /// Samples and packs one epoch.
+    pub fn pack_epoch(
+        &self,
+        mix: &MixSettings,
+        pack: &PackSettings,
+        seed: u64,
+        epoch: u32,
+    ) -> PackPlan {
+        let strategy = pack.mode.strategy(mix.strategy());
+        let refs = sample_epoch(&self.task_sizes(), strategy, seed, epoch);
+        plan(
+            &refs,
+            &|s| self.info(s),
+            self.tasks.len(),
+            self.prefix.input_ids.len() as u32,
+            pack,
+            seed ^ u64::from(epoch),
+        )
+    }
+
+    /// Builds row `i` of a plan.
+    pub fn row(&self, plan: &PackPlan, i: usize, pack: &PackSettings) -> PackedRow {
+        build_row(plan, i, &|s| self.sample(s), &self.prefix, pack)
+    }
+}
+
+/// Per-task shares after packing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PackedShare {
+    /// The task.
+    pub task: String,
+    /// Instructions (pieces) of the task in the rows.
+    pub samples: usize,
+    /// Tokens of the task in the rows.
+    pub tokens: u64,
+    /// Share of instructions (0–1).
+    pub sample_share: f64,
+    /// Share of instruction tokens (0–1).
+    pub token_share: f64,
+}
+
+/// The packing view: fill, padding, labels, over-long counts, row lengths and a few rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct PackingPreview {
+    /// The mode shown.
+    pub mode: PackMode,
+    /// Row length limit.
+    pub max_seq_len: usize,
+    /// Rows in one epoch.
+    pub rows: usize,
+    /// Tokens in the rows.
+    pub tokens: u64,
+    /// Share of slots filled (rows padded to `max_seq_len`).
+    pub fill: f64,
+    /// Share of slots that are padding.
+    pub padding: f64,
+    /// Share of row tokens that are trained.
+    pub trained_tokens: f64,
+    /// Over-long samples and what was done.
+    pub overlong: OverlongCounts,
+    /// Row-length histogram: 16 buckets of `max_seq_len / 16` tokens.
+    pub histogram: Vec<usize>,
+    /// Per-task shares in the packed rows.
+    pub tasks: Vec<PackedShare>,
+    /// The first rows, built.
+    #[serde(skip)]
+    pub sample_rows: Vec<PackedRow>,
+}
+
+impl PackingPreview {
+    /// Packs one epoch and summarises it, building the first `show_rows` rows.
+    pub fn build(
+        prepared: &Prepared,
+        mix: &MixSettings,
+        pack: &PackSettings,
+        seed: u64,
+        show_rows: usize,
+    ) -> Self {
+        let plan = prepared.pack_epoch(mix, pack, seed, 0);
+        let max = pack.max_seq_len.max(1);
+        let mut histogram = vec![0usize; 16];
+        for r in &plan.rows {
+            let bucket = (r.len as usize * 16 / (max + 1)).min(15);
+            histogram[bucket] += 1;
+        }
+        let mut samples = vec![0usize; prepared.tasks.len()];
+        let mut tokens = vec![0u64; prepared.tasks.len()];
+        let mut trained = 0u64;
+        for p in &plan.pieces {
+            samples[p.sample.task as usize] += 1;
+            tokens[p.sample.task as usize] += u64::from(p.len);
+            let s = prepared.sample(p.sample);
+            let end = (p.offset + p.len) as usize;
+            trained += s.labels[p.offset as usize..end.min(s.labels.len())]
+                .iter()
+                .filter(|&&l| l >= 0)
+                .count() as u64;
+        }
+        let all_samples: usize = samples.iter().sum();
+        let all_tokens: u64 = tokens.iter().sum();
+        let share = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let total = plan.tokens();
+        let fill = plan.fill(max);
+        Self {
+            mode: pack.mode,
+            max_seq_len: max,
+            rows: plan.rows.len(),
+            tokens: total,
+            fill,
+            padding: if plan.rows.is_empty() {
+                0.0
+            } else {
+                1.0 - fill
+            },
+            trained_tokens: share(trained as f64, total as f64),
+            overlong: plan.overlong,
+            histogram,
+            tasks: prepared
+                .tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| PackedShare {
+                    task: t.name.clone(),
+                    samples: samples[i],
+                    tokens: tokens[i],
+                    sample_share: share(samples[i] as f64, all_samples as f64),
+                    token_share: share(tokens[i] as f64, all_tokens as f64),
+                })
+                .collect(),
+            sample_rows: (0..show_rows.min(plan.rows.len()))
+                .map(|i| prepared.row(&plan, i, pack))
+                .collect(),
+        }
+    }
+}
+
+/// A row as text with segment markers, for terminals and JSON: `⟦default prompt⟧…⟦math #12,
+/// chunk 0⟧…`. Trained text is shown as is; the markers name each segment.
+pub fn row_text(row: &PackedRow, tokenizer: &Tokenizer, prepared: &Prepared) -> String {
+    let mut out = String::new();
+    for seg in &row.segments {
+        let marker = match (seg.kind, seg.task) {
+            (SegmentKind::DefaultPrompt, _) => "⟦default prompt⟧".to_string(),
+            (SegmentKind::Instruction, Some(t)) => {
+                let task = &prepared.tasks[t as usize];
+                let line = seg
+                    .record
+                    .and_then(|r| task.origins.get(r as usize))
+                    .map_or(0, |o| o.line);
+                format!("⟦{} line {line}, chunk {}⟧", task.name, seg.chunk)
+            }
+            (SegmentKind::Instruction, None) => "⟦?⟧".to_string(),
+        };
+        out.push_str(&marker);
+        let ids = &row.input_ids[seg.tokens.start as usize..seg.tokens.end as usize];
+        out.push_str(&tokenizer.decode(ids, false).unwrap_or_default());
+    }
+    out
+}

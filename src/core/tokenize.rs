@@ -1,0 +1,256 @@
+//! From records to token ids and labels: the task's system-prompt rule, the chat template, the
+//! tokenizer, and the label mask (assistant text and its end-of-turn marker trained, everything
+//! else ignored).
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::core::packing::{IGNORE_INDEX, SampleTokens};
+use crate::core::record::{Record, Role, SystemRule};
+use crate::core::template::{ChatMessage, ChatTemplate, TemplateError};
+
+/// Which tokens get labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LabelOptions {
+    /// Train on every token (system and user text too), not only on the answers.
+    pub train_on_prompt: bool,
+    /// Train only the last assistant turn of each conversation.
+    pub last_turn_only: bool,
+}
+
+/// Why a record could not be tokenized.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    /// The template failed.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The tokenizer failed.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+}
+
+/// The messages a record is trained as: its system prompt chosen by the task's rule, then its
+/// turns.
+pub fn conversation(record: &Record, task_prompt: &str, rule: SystemRule) -> Vec<ChatMessage> {
+    let mut messages = Vec::with_capacity(record.turns.len() + 1);
+    if let Some(system) = rule.resolve(record.system.as_deref(), task_prompt) {
+        messages.push(ChatMessage::new(Role::System, system));
+    }
+    messages.extend(
+        record
+            .turns
+            .iter()
+            .map(|t| ChatMessage::new(t.role, t.content.clone())),
+    );
+    messages
+}
+
+/// Turns a rendered text and its trained byte ranges into token ids and labels.
+fn label_tokens(
+    tokenizer: &Tokenizer,
+    text: &str,
+    trained: &[Range<usize>],
+    system: Option<Range<usize>>,
+) -> Result<SampleTokens, TokenizeError> {
+    let encoding = tokenizer
+        .encode(text, false)
+        .map_err(|e| TokenizeError::Tokenizer(e.to_string()))?;
+    let ids = encoding.get_ids();
+    let offsets = encoding.get_offsets();
+    let overlaps = |(a, b): (usize, usize), r: &Range<usize>| a < r.end && b > r.start;
+    let labels = ids
+        .iter()
+        .zip(offsets)
+        .map(|(&id, &off)| {
+            if trained.iter().any(|r| overlaps(off, r)) {
+                id as i32
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    let system = match system {
+        Some(r) => {
+            let first = offsets
+                .iter()
+                .position(|&o| overlaps(o, &r) || o.0 >= r.start);
+            let last = offsets.iter().rposition(|&o| overlaps(o, &r));
+            match (first, last) {
+                (Some(f), Some(l)) if l >= f => f as u32..l as u32 + 1,
+                _ => 0..0,
+            }
+        }
+        None => 0..0,
+    };
+    Ok(SampleTokens {
+        input_ids: ids.to_vec(),
+        labels,
+        system,
+    })
+}
+
+/// Tokenizes one conversation with its labels.
+pub fn tokenize_messages(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    options: LabelOptions,
+) -> Result<SampleTokens, TokenizeError> {
+    let rendered = template.render_with_spans(messages)?;
+    let mut trained: Vec<Range<usize>> = if options.train_on_prompt {
+        std::iter::once(0..rendered.text.len()).collect()
+    } else {
+        rendered.assistant_ranges().collect()
+    };
+    if options.last_turn_only && !options.train_on_prompt && trained.len() > 1 {
+        trained.drain(..trained.len() - 1);
+    }
+    // The system block runs from the start to the end of the system turn (marker included).
+    let system = rendered.spans.iter().find(|s| s.role == "system").map(|s| {
+        let mut end = s.range.end;
+        let rest = &rendered.text[end..];
+        if !template.end_of_turn.is_empty() && rest.starts_with(&template.end_of_turn) {
+            end += template.end_of_turn.len();
+        }
+        end += rendered.text[end..].len() - rendered.text[end..].trim_start().len();
+        0..end
+    });
+    label_tokens(tokenizer, &rendered.text, &trained, system)
+}
+
+/// Tokenizes the default system prompt alone: the prefix of every `moi` row (nothing trained).
+pub fn tokenize_prefix(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    default_prompt: &str,
+) -> Result<SampleTokens, TokenizeError> {
+    let messages = [ChatMessage::new(Role::System, default_prompt)];
+    let text = template.render(&messages, false)?;
+    let mut tokens = label_tokens(tokenizer, &text, &[], Some(0..text.len()))?;
+    tokens.system = 0..tokens.input_ids.len() as u32;
+    Ok(tokens)
+}
+
+/// Tokenizes many records of one task on all cores. Results are in input order; a record that
+/// fails carries its error.
+pub fn tokenize_records(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    records: &[&Record],
+    task_prompt: &str,
+    rule: SystemRule,
+    options: LabelOptions,
+) -> Vec<Result<SampleTokens, TokenizeError>> {
+    use rayon::prelude::*;
+    records
+        .par_iter()
+        .map(|r| {
+            tokenize_messages(
+                tokenizer,
+                template,
+                &conversation(r, task_prompt, rule),
+                options,
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::bpe::train_bpe;
+    use crate::core::record::{Origin, Turn};
+
+    fn record() -> Record {
+        Record {
+            system: Some("Own prompt.".into()),
+            turns: vec![
+                Turn::new(Role::User, "What is 2 + 3?"),
+                Turn::new(Role::Assistant, "5"),
+                Turn::new(Role::User, "And 4 + 4?"),
+                Turn::new(Role::Assistant, "8"),
+            ],
+            origin: Origin { source: 0, line: 1 },
+        }
+    }
+
+    fn tokenizer() -> Tokenizer {
+        let texts = ["What is 2 + 3? 5 And 4 + 4? 8 You are a helpful assistant. Own prompt."];
+        train_bpe(texts.iter().map(|s| s.to_string()), 400).unwrap()
+    }
+
+    fn decode_trained(tok: &Tokenizer, s: &SampleTokens) -> String {
+        let ids: Vec<u32> = s
+            .labels
+            .iter()
+            .filter(|&&l| l >= 0)
+            .map(|&l| l as u32)
+            .collect();
+        tok.decode(&ids, false).unwrap()
+    }
+
+    #[test]
+    fn labels_cover_answers_and_end_markers_only() {
+        let tok = tokenizer();
+        let t = ChatTemplate::chatml();
+        let msgs = conversation(&record(), "Task prompt.", SystemRule::Replace);
+        assert_eq!(msgs[0].content, "Task prompt.");
+        let s = tokenize_messages(&tok, &t, &msgs, LabelOptions::default()).unwrap();
+        assert_eq!(s.input_ids.len(), s.labels.len());
+        assert_eq!(decode_trained(&tok, &s), "5<|im_end|>8<|im_end|>");
+        let system_text = tok
+            .decode(
+                &s.input_ids[s.system.start as usize..s.system.end as usize],
+                false,
+            )
+            .unwrap();
+        assert_eq!(system_text, "<|im_start|>system\nTask prompt.<|im_end|>\n");
+
+        let last = LabelOptions {
+            last_turn_only: true,
+            ..LabelOptions::default()
+        };
+        let s = tokenize_messages(&tok, &t, &msgs, last).unwrap();
+        assert_eq!(decode_trained(&tok, &s), "8<|im_end|>");
+
+        let all = LabelOptions {
+            train_on_prompt: true,
+            ..LabelOptions::default()
+        };
+        let s = tokenize_messages(&tok, &t, &msgs, all).unwrap();
+        assert!(s.labels.iter().all(|&l| l >= 0));
+    }
+
+    #[test]
+    fn system_rules_apply() {
+        let keep = conversation(&record(), "Task prompt.", SystemRule::Keep);
+        assert_eq!(keep[0].content, "Own prompt.");
+        let mut bare = record();
+        bare.system = None;
+        assert_eq!(conversation(&bare, "T", SystemRule::Keep)[0].role, "user");
+        assert_eq!(
+            conversation(&bare, "T", SystemRule::FillIfEmpty)[0].content,
+            "T"
+        );
+    }
+
+    #[test]
+    fn prefix_is_the_default_prompt_untrained() {
+        let tok = tokenizer();
+        let p = tokenize_prefix(
+            &tok,
+            &ChatTemplate::chatml(),
+            "You are a helpful assistant.",
+        )
+        .unwrap();
+        assert!(p.labels.iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(
+            tok.decode(&p.input_ids, false).unwrap(),
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        );
+        assert_eq!(p.system, 0..p.input_ids.len() as u32);
+    }
+}

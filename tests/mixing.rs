@@ -1,0 +1,236 @@
+//! The mixing engine on the demo project: previews, invariants of packed rows, and the packed
+//! dataset written by `moi-studio pack` read back from parquet.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use assert_cmd::Command;
+use moi_studio::core::dataset::{TaskData, load_project};
+use moi_studio::core::mixing::{PackingPreview, Prepared, load_template, load_tokenizer};
+use moi_studio::core::packing::{IGNORE_INDEX, PackMode, PackSettings, SegmentKind};
+use moi_studio::core::project::Project;
+
+fn demo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml")
+}
+
+struct Fixture {
+    project: Project,
+    prepared: Prepared,
+    tokenizer: tokenizers::Tokenizer,
+    #[allow(dead_code)]
+    data: Vec<TaskData>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let project = Project::load(&demo()).unwrap();
+        let data = load_project(&project, &mut |_| {});
+        let tokenizer = load_tokenizer(&project, &project.mixing, &data).unwrap();
+        let template = load_template(&project, &project.mixing).unwrap();
+        let prepared = Prepared::build(
+            &project,
+            &data,
+            &tokenizer,
+            &template,
+            project.mixing.labels,
+        )
+        .unwrap();
+        Fixture {
+            project,
+            prepared,
+            tokenizer,
+            data,
+        }
+    })
+}
+
+fn settings(mode: PackMode) -> PackSettings {
+    PackSettings {
+        mode,
+        ..fixture().project.packing.clone()
+    }
+}
+
+#[test]
+fn every_task_is_tokenized_without_failures() {
+    let f = fixture();
+    let sizes: Vec<usize> = f.prepared.tasks.iter().map(|t| t.samples.len()).collect();
+    assert_eq!(
+        sizes,
+        [90, 148, 360],
+        "train records after the 10% eval split"
+    );
+    assert!(f.prepared.tasks.iter().all(|t| t.failed.is_empty()));
+    let prefix = f
+        .tokenizer
+        .decode(&f.prepared.prefix.input_ids, false)
+        .unwrap();
+    assert_eq!(
+        prefix,
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    );
+}
+
+#[test]
+fn moi_rows_start_with_the_default_prompt_and_respect_the_limit() {
+    let f = fixture();
+    let s = settings(PackMode::Moi);
+    let plan = f
+        .prepared
+        .pack_epoch(&f.project.mixing, &s, f.project.seed, 0);
+    let prefix = &f.prepared.prefix.input_ids;
+    for i in 0..plan.rows.len() {
+        let row = f.prepared.row(&plan, i, &s);
+        assert!(row.input_ids.len() <= s.max_seq_len);
+        assert_eq!(&row.input_ids[..prefix.len()], prefix.as_slice(), "row {i}");
+        assert_eq!(row.segments[0].kind, SegmentKind::DefaultPrompt);
+        // Labels are ids or ignored, and the prefix and system prompts are never trained.
+        for (k, (&id, &label)) in row.input_ids.iter().zip(&row.labels).enumerate() {
+            assert!(label == IGNORE_INDEX || label == id as i32);
+            if k < prefix.len() {
+                assert_eq!(label, IGNORE_INDEX);
+            }
+        }
+        for seg in &row.segments {
+            for t in seg.system.clone() {
+                assert_eq!(row.labels[t as usize], IGNORE_INDEX);
+            }
+        }
+    }
+    // Each training sample appears once per epoch in balanced mode for the biggest task at most.
+    let same = f
+        .prepared
+        .pack_epoch(&f.project.mixing, &s, f.project.seed, 0);
+    assert_eq!(plan, same, "same seed, same rows");
+}
+
+#[test]
+fn previews_show_balance_and_fill() {
+    let f = fixture();
+    let mix = f.prepared.mixture(PackMode::Moi, &f.project.mixing);
+    let shares: Vec<f64> = mix.rows.iter().map(|r| r.sample_share).collect();
+    assert!(
+        shares.iter().all(|s| (s - 1.0 / 3.0).abs() < 0.01),
+        "{shares:?}"
+    );
+    assert!(
+        mix.rows[2].natural_sample_share > 0.55,
+        "tool use dominates naturally"
+    );
+    let natural = f.prepared.mixture(PackMode::Concat, &f.project.mixing);
+    assert!((natural.rows[2].sample_share - 360.0 / 598.0).abs() < 1e-9);
+
+    let moi = PackingPreview::build(
+        &f.prepared,
+        &f.project.mixing,
+        &settings(PackMode::Moi),
+        1,
+        2,
+    );
+    let seq = PackingPreview::build(
+        &f.prepared,
+        &f.project.mixing,
+        &settings(PackMode::Seq),
+        1,
+        0,
+    );
+    assert!(moi.fill > 0.95, "moi fill {}", moi.fill);
+    assert!(
+        seq.fill < 0.3,
+        "one short conversation per 2048-token row wastes most of it"
+    );
+    assert_eq!(seq.rows, 598);
+    assert!((moi.fill + moi.padding - 1.0).abs() < 1e-9);
+    assert_eq!(moi.histogram.iter().sum::<usize>(), moi.rows);
+    assert_eq!(moi.sample_rows.len(), 2);
+    assert!(moi.trained_tokens > 0.1 && moi.trained_tokens < 0.9);
+}
+
+#[test]
+fn preview_json_and_pack_parquet_read_back() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::cargo_bin("moi-studio")
+        .unwrap()
+        .current_dir(&root)
+        .args(["preview", "presets/demo.moi.toml", "--json", "--rows", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mixture"].as_array().unwrap().len(), 3);
+    let rows = v["packing"]["rows"].as_u64().unwrap();
+    assert!(v["packing"]["fill"].as_f64().unwrap() > 0.9);
+    let text = v["sample_rows"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("⟦default prompt⟧<|im_start|>system\nYou are a helpful assistant."),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::cargo_bin("moi-studio")
+        .unwrap()
+        .current_dir(&root)
+        .args(["pack", "presets/demo.moi.toml", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::File::open(dir.path().join("packed.parquet")).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut n = 0;
+    for batch in reader {
+        let batch = batch.unwrap();
+        let names: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(
+            names,
+            ["input_ids", "labels", "position_ids", "segment_ids"]
+        );
+        let ids = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow_array::ListArray>()
+            .unwrap();
+        let labels = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow_array::ListArray>()
+            .unwrap();
+        for r in 0..batch.num_rows() {
+            let a = ids.value(r);
+            let b = labels.value(r);
+            assert_eq!(a.len(), b.len());
+            assert!(a.len() <= 2048);
+        }
+        n += batch.num_rows();
+    }
+    assert_eq!(n as u64, rows, "the parquet holds the previewed rows");
+    let mixed = std::fs::read_to_string(dir.path().join("mixed.jsonl")).unwrap();
+    assert_eq!(mixed.lines().count() as u64, rows);
+    let first: serde_json::Value = serde_json::from_str(mixed.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["messages"][0]["content"],
+        "You are a helpful assistant."
+    );
+    assert!(dir.path().join("tokenizer.json").is_file());
+}
