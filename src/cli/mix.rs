@@ -331,13 +331,19 @@ fn jsonl<T: serde::Serialize>(items: impl Iterator<Item = T>) -> anyhow::Result<
 pub fn run_pack(args: PackArgs) -> anyhow::Result<i32> {
     let loaded = load(&args.project, false)?;
     let pack = pack_settings(&loaded.project, args.mode);
-    let plan: PackPlan =
-        loaded
-            .prepared
-            .pack_epoch(&loaded.project.mixing, &pack, loaded.project.seed, 0);
-    let rows: Vec<PackedRow> = (0..plan.rows.len())
-        .map(|i| loaded.prepared.row(&plan, i, &pack))
-        .collect();
+    // Every epoch is sampled and packed afresh (balanced sampling reshuffles per epoch).
+    let epochs = loaded.project.mixing.epochs.max(1);
+    let mut rows: Vec<PackedRow> = Vec::new();
+    let mut tokens = 0u64;
+    for epoch in 0..epochs {
+        let plan: PackPlan =
+            loaded
+                .prepared
+                .pack_epoch(&loaded.project.mixing, &pack, loaded.project.seed, epoch);
+        tokens += plan.tokens();
+        rows.extend((0..plan.rows.len()).map(|i| loaded.prepared.row(&plan, i, &pack)));
+    }
+    let fill = tokens as f64 / (rows.len().max(1) as f64 * pack.max_seq_len as f64);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let packed_path = match args.format {
@@ -371,10 +377,12 @@ pub fn run_pack(args: PackArgs) -> anyhow::Result<i32> {
         .save(&tokenizer_path, false)
         .map_err(|e| anyhow::anyhow!("saving {}: {e}", tokenizer_path.display()))?;
     println!(
-        "{} rows ({} mode, fill {:.2}%) written to {} and {}; tokenizer in {}",
+        "{} rows ({} epoch{}, {} mode, fill {:.2}%) written to {} and {}; tokenizer in {}",
         rows.len(),
+        epochs,
+        if epochs == 1 { "" } else { "s" },
         pack.mode.as_str(),
-        plan.fill(pack.max_seq_len) * 100.0,
+        fill * 100.0,
         packed_path.display(),
         mixed_path.display(),
         tokenizer_path.display()

@@ -462,6 +462,9 @@ mod tests {
             out,
             "[{\"name\": \"f\", \"x\": \"é<\"}]|{\n  \"a\": [\n    1,\n    2\n  ]\n}|13|True"
         );
+        let dated = ChatTemplate::from_source("{{ strftime_now('%Y') }}", "", "").unwrap();
+        let year = dated.render(&[], false).unwrap();
+        assert!(year.len() == 4 && year.starts_with("20"), "{year}");
         let raising = ChatTemplate::from_source("{{ raise_exception('no tools here') }}", "", "");
         assert!(matches!(raising, Err(TemplateError::Jinja(m)) if m.contains("no tools here")));
     }
