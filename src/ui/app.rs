@@ -147,7 +147,8 @@ impl StudioApp {
                     ui.label("This project has no tasks yet.");
                 }
                 for (task, counts) in project.tasks.iter().zip(&self.counts) {
-                    ui.group(|ui| {
+                    egui::Frame::group(ui.style()).show(ui, |ui| {
+                        ui.set_width(ui.available_width());
                         ui.strong(&task.name);
                         match counts {
                             Some(c) => {
