@@ -38,6 +38,7 @@ fn main() {
     let info = |s: SampleRef| SampleInfo {
         len: length(s),
         trained: length(s) / 2,
+        system_len: 10,
     };
     let start = Instant::now();
     let epoch = sample_epoch(&tasks, Strategy::Balanced, 42, 0);

@@ -120,6 +120,7 @@ fn segments_json(row: &PackedRow, prepared: &Prepared) -> Vec<Value> {
 pub fn run_preview(args: PreviewArgs) -> anyhow::Result<i32> {
     let loaded = load(&args.project, args.json)?;
     let pack = pack_settings(&loaded.project, args.mode);
+    loaded.prepared.check_fits(&pack)?;
     let mix = &loaded.project.mixing;
     let mixture = loaded.prepared.mixture(pack.mode, mix);
     let packing =
@@ -230,68 +231,128 @@ pub struct PackArgs {
     pub mode: Option<PackMode>,
 }
 
-/// Rows per parquet row group.
+/// Rows per parquet row group (and rows built at a time).
 const ROW_GROUP: usize = 1024;
 
-fn write_parquet(path: &Path, rows: &[PackedRow]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("parquet.tmp");
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_max_row_group_row_count(Some(ROW_GROUP))
-        .build();
-    let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
-    let mut file = Some(file);
-    for group in rows.chunks(ROW_GROUP) {
-        let column = |get: &dyn Fn(&PackedRow) -> Vec<i32>| -> ArrayRef {
-            let mut b = ListBuilder::new(Int32Builder::new());
-            for r in group {
-                b.values().append_slice(&get(r));
-                b.append(true);
+/// Writes packed rows a group at a time into a temporary file that becomes the real one only
+/// when everything is written (and is removed if anything fails).
+enum RowSink {
+    Parquet {
+        tmp: tempfile::NamedTempFile,
+        writer: Option<Box<parquet::arrow::ArrowWriter<std::fs::File>>>,
+    },
+    Jsonl {
+        tmp: tempfile::NamedTempFile,
+        out: std::io::BufWriter<std::fs::File>,
+    },
+}
+
+impl RowSink {
+    fn new(format: PackFormat, dir: &Path) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix(".moi-pack-")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
+        Ok(match format {
+            PackFormat::Parquet => RowSink::Parquet { tmp, writer: None },
+            PackFormat::Jsonl => {
+                let out = std::io::BufWriter::new(tmp.as_file().try_clone()?);
+                RowSink::Jsonl { tmp, out }
             }
-            Arc::new(b.finish())
-        };
-        let batch = RecordBatch::try_from_iter([
-            (
-                "input_ids",
-                column(&|r| r.input_ids.iter().map(|&x| x as i32).collect()),
-            ),
-            ("labels", column(&|r| r.labels.clone())),
-            (
-                "position_ids",
-                column(&|r| r.position_ids.iter().map(|&x| x as i32).collect()),
-            ),
-            (
-                "segment_ids",
-                column(&|r| r.segment_ids.iter().map(|&x| x as i32).collect()),
-            ),
-        ])?;
-        if writer.is_none() {
-            let f = file.take().context("parquet writer already started")?;
-            writer = Some(parquet::arrow::ArrowWriter::try_new(
-                f,
-                batch.schema(),
-                Some(props.clone()),
-            )?);
-        }
-        if let Some(w) = writer.as_mut() {
-            w.write(&batch)?;
-        }
+        })
     }
-    let Some(writer) = writer else {
-        bail!("nothing to write: the plan has no rows");
-    };
-    let file = writer.into_inner()?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+
+    fn write(&mut self, rows: &[PackedRow]) -> anyhow::Result<()> {
+        match self {
+            RowSink::Parquet { tmp, writer } => {
+                let column = |get: &dyn Fn(&PackedRow) -> Vec<i32>| -> ArrayRef {
+                    let mut b = ListBuilder::new(Int32Builder::new());
+                    for r in rows {
+                        b.values().append_slice(&get(r));
+                        b.append(true);
+                    }
+                    Arc::new(b.finish())
+                };
+                let as_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+                let batch = RecordBatch::try_from_iter([
+                    ("input_ids", column(&|r| as_i32(&r.input_ids))),
+                    ("labels", column(&|r| r.labels.clone())),
+                    ("position_ids", column(&|r| as_i32(&r.position_ids))),
+                    ("segment_ids", column(&|r| as_i32(&r.segment_ids))),
+                ])?;
+                if writer.is_none() {
+                    let props = parquet::file::properties::WriterProperties::builder()
+                        .set_max_row_group_row_count(Some(ROW_GROUP))
+                        .build();
+                    *writer = Some(Box::new(parquet::arrow::ArrowWriter::try_new(
+                        tmp.as_file().try_clone()?,
+                        batch.schema(),
+                        Some(props),
+                    )?));
+                }
+                if let Some(w) = writer.as_mut() {
+                    w.write(&batch)?;
+                }
+            }
+            RowSink::Jsonl { out, .. } => {
+                use std::io::Write;
+                for r in rows {
+                    serde_json::to_writer(
+                        &mut *out,
+                        &json!({
+                            "input_ids": r.input_ids,
+                            "labels": r.labels,
+                            "position_ids": r.position_ids,
+                            "segment_ids": r.segment_ids,
+                        }),
+                    )?;
+                    out.write_all(b"\n")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, path: &Path) -> anyhow::Result<()> {
+        let tmp = match self {
+            RowSink::Parquet { tmp, writer } => {
+                let Some(writer) = writer else {
+                    bail!("nothing to write: the plan has no rows");
+                };
+                writer.close()?;
+                tmp
+            }
+            RowSink::Jsonl { tmp, out } => {
+                out.into_inner().map_err(|e| e.into_error())?;
+                tmp
+            }
+        };
+        tmp.as_file().sync_all()?;
+        set_readable(tmp.path())?;
+        tmp.persist(path)
+            .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error))?;
+        Ok(())
+    }
+}
+
+/// Gives a finished temporary file the usual permissions (temporary files are private).
+fn set_readable(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let _ = path;
     Ok(())
 }
 
 /// The row as one openai-messages conversation: the default prompt (in `moi` rows), then each
-/// instruction's own system prompt, question and answer.
+/// instruction's own system prompt, question and answer. A sample split over several rows is
+/// written once, with its first piece; `partial` counts instructions the row holds only in part.
 fn row_conversation(loaded: &Loaded, row: &PackedRow) -> Value {
     let mut messages = Vec::new();
     let mut tasks = Vec::new();
+    let mut partial = 0;
     for seg in &row.segments {
         match (seg.kind, seg.task, seg.record) {
             (SegmentKind::DefaultPrompt, _, _) => messages.push(json!({
@@ -299,6 +360,12 @@ fn row_conversation(loaded: &Loaded, row: &PackedRow) -> Value {
                 "content": loaded.project.default_system_prompt,
             })),
             (SegmentKind::Instruction, Some(t), Some(r)) => {
+                if seg.partial {
+                    partial += 1;
+                }
+                if seg.offset > 0 {
+                    continue;
+                }
                 let task = &loaded.project.tasks[t as usize];
                 let prepared = &loaded.prepared.tasks[t as usize];
                 let record = &loaded.data[t as usize].records[prepared.record_index[r as usize]];
@@ -315,77 +382,89 @@ fn row_conversation(loaded: &Loaded, row: &PackedRow) -> Value {
             _ => {}
         }
     }
-    json!({ "messages": messages, "tasks": tasks })
+    json!({ "messages": messages, "tasks": tasks, "partial": partial })
 }
 
-fn jsonl<T: serde::Serialize>(items: impl Iterator<Item = T>) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    for item in items {
-        serde_json::to_writer(&mut out, &item)?;
-        out.push(b'\n');
-    }
-    Ok(out)
-}
-
-/// Runs `pack`.
+/// Runs `pack`: rows are built and written a group at a time, epoch after epoch.
 pub fn run_pack(args: PackArgs) -> anyhow::Result<i32> {
+    use std::io::Write;
     let loaded = load(&args.project, false)?;
     let pack = pack_settings(&loaded.project, args.mode);
+    loaded.prepared.check_fits(&pack)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut sink = RowSink::new(args.format, &args.out)?;
+    let mixed_tmp = tempfile::Builder::new()
+        .prefix(".moi-mixed-")
+        .tempfile_in(&args.out)?;
+    let mut mixed = std::io::BufWriter::new(mixed_tmp.as_file().try_clone()?);
     // Every epoch is sampled and packed afresh (balanced sampling reshuffles per epoch).
     let epochs = loaded.project.mixing.epochs.max(1);
-    let mut rows: Vec<PackedRow> = Vec::new();
-    let mut tokens = 0u64;
+    let (mut rows, mut tokens) = (0usize, 0u64);
     for epoch in 0..epochs {
         let plan: PackPlan =
             loaded
                 .prepared
                 .pack_epoch(&loaded.project.mixing, &pack, loaded.project.seed, epoch);
-        tokens += plan.tokens();
-        rows.extend((0..plan.rows.len()).map(|i| loaded.prepared.row(&plan, i, &pack)));
+        for start in (0..plan.rows.len()).step_by(ROW_GROUP) {
+            let end = (start + ROW_GROUP).min(plan.rows.len());
+            let built: Vec<PackedRow> = (start..end)
+                .map(|i| loaded.prepared.row(&plan, i, &pack))
+                .collect();
+            sink.write(&built)?;
+            for r in &built {
+                tokens += r.input_ids.len() as u64;
+                serde_json::to_writer(&mut mixed, &row_conversation(&loaded, r))?;
+                mixed.write_all(b"\n")?;
+            }
+            rows += built.len();
+        }
     }
-    let fill = tokens as f64 / (rows.len().max(1) as f64 * pack.max_seq_len as f64);
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let packed_path = match args.format {
-        PackFormat::Parquet => {
-            let p = args.out.join("packed.parquet");
-            write_parquet(&p, &rows)?;
-            p
-        }
-        PackFormat::Jsonl => {
-            let p = args.out.join("packed.jsonl");
-            let bytes = jsonl(rows.iter().map(|r| {
-                json!({
-                    "input_ids": r.input_ids,
-                    "labels": r.labels,
-                    "position_ids": r.position_ids,
-                    "segment_ids": r.segment_ids,
-                })
-            }))?;
-            write_atomic(&p, &bytes)?;
-            p
-        }
-    };
+    let packed_path = args.out.join(match args.format {
+        PackFormat::Parquet => "packed.parquet",
+        PackFormat::Jsonl => "packed.jsonl",
+    });
+    sink.finish(&packed_path)?;
+    mixed.into_inner().map_err(|e| e.into_error())?;
+    mixed_tmp.as_file().sync_all()?;
+    set_readable(mixed_tmp.path())?;
     let mixed_path = args.out.join("mixed.jsonl");
-    write_atomic(
-        &mixed_path,
-        &jsonl(rows.iter().map(|r| row_conversation(&loaded, r)))?,
-    )?;
+    mixed_tmp
+        .persist(&mixed_path)
+        .map_err(|e| anyhow::anyhow!("writing {}: {}", mixed_path.display(), e.error))?;
     let tokenizer_path = args.out.join("tokenizer.json");
     loaded
         .tokenizer
         .save(&tokenizer_path, false)
         .map_err(|e| anyhow::anyhow!("saving {}: {e}", tokenizer_path.display()))?;
+    let fill = tokens as f64 / (rows.max(1) as f64 * pack.max_seq_len as f64);
+    let manifest = json!({
+        "rows": rows,
+        "epochs": epochs,
+        "tokens": tokens,
+        "fill": fill,
+        "packing": pack,
+        "mixing": loaded.project.mixing,
+        "default_system_prompt": loaded.project.default_system_prompt,
+        "tasks": loaded.project.tasks.iter().map(|t| json!({"name": t.name, "system_prompt": t.system_prompt})).collect::<Vec<_>>(),
+        "attention": "token i may attend to token j when j <= i and (segment_ids[j] == 0 or \
+                      segment_ids[j] == segment_ids[i]); segment 0 is the row's shared prefix (the \
+                      default system prompt in moi rows) or, with full attention, the whole row. \
+                      Rows are not padded. With reset position ids, positions restart after the prefix.",
+        "labels": "-100 marks tokens that are not trained; labels are not shifted",
+    });
+    write_atomic(
+        &args.out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     println!(
-        "{} rows ({} epoch{}, {} mode, fill {:.2}%) written to {} and {}; tokenizer in {}",
-        rows.len(),
-        epochs,
+        "{rows} rows ({epochs} epoch{}, {} mode, fill {:.2}%) written to {} and {}; tokenizer and \
+         manifest beside them",
         if epochs == 1 { "" } else { "s" },
         pack.mode.as_str(),
         fill * 100.0,
         packed_path.display(),
         mixed_path.display(),
-        tokenizer_path.display()
     );
     Ok(0)
 }

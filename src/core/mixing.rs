@@ -96,6 +96,12 @@ pub enum MixError {
     /// The chat template could not be loaded.
     #[error(transparent)]
     Template(#[from] crate::core::template::TemplateError),
+    /// Rows are too short for the default-prompt prefix.
+    #[error(
+        "the default system prompt takes {prefix} tokens, more than half of a {max_seq_len}-token \
+         row; raise packing.max_seq_len or shorten the prompt"
+    )]
+    TooShort { prefix: usize, max_seq_len: usize },
 }
 
 /// Loads the project's tokenizer, or trains the built-in one on its records.
@@ -107,8 +113,14 @@ pub fn load_tokenizer(
     match &settings.tokenizer {
         Some(path) => {
             let path = project.resolve(path);
-            Tokenizer::from_file(&path)
-                .map_err(|e| MixError::Tokenizer(format!("{e} ({})", path.display())))
+            let mut tokenizer = Tokenizer::from_file(&path)
+                .map_err(|e| MixError::Tokenizer(format!("{e} ({})", path.display())))?;
+            // Packing decides lengths; a tokenizer's own truncation or padding would fight it.
+            tokenizer
+                .with_truncation(None)
+                .map_err(|e| MixError::Tokenizer(e.to_string()))?;
+            tokenizer.with_padding(None);
+            Ok(tokenizer)
         }
         None => {
             let texts: Vec<String> = data
@@ -231,6 +243,18 @@ impl Prepared {
         Ok(Self { tasks, prefix })
     }
 
+    /// Checks the default-prompt prefix leaves room in a row: it may take at most half of it.
+    pub fn check_fits(&self, pack: &PackSettings) -> Result<(), MixError> {
+        let prefix = self.prefix.input_ids.len();
+        if pack.mode == PackMode::Moi && prefix * 2 > pack.max_seq_len {
+            return Err(MixError::TooShort {
+                prefix,
+                max_seq_len: pack.max_seq_len,
+            });
+        }
+        Ok(())
+    }
+
     /// Sizes for the sampler.
     pub fn task_sizes(&self) -> Vec<TaskSize> {
         self.tasks
@@ -254,6 +278,7 @@ impl Prepared {
         SampleInfo {
             len: t.input_ids.len() as u32,
             trained: t.labels.iter().filter(|&&l| l >= 0).count() as u32,
+            system_len: t.system.end - t.system.start,
         }
     }
 

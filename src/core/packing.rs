@@ -147,6 +147,9 @@ pub struct SampleInfo {
     pub len: u32,
     /// Tokens with a label.
     pub trained: u32,
+    /// Tokens of its system block (dropped when it opens a row answered under the default
+    /// prompt).
+    pub system_len: u32,
 }
 
 /// A contiguous piece of one sample placed in a row.
@@ -462,9 +465,17 @@ pub fn plan(
         } else {
             settings.chunk_size
         };
-        for row in &rows {
+        for row in &mut rows {
             let slice = &mut placed[row.start as usize..(row.start + row.count) as usize];
             form_chunks(slice, k, &mut rng);
+            // The first instruction loses its own system block when answered under the default.
+            let first = slice.first().filter(|p| p.offset == 0);
+            if let Some(first) = first.filter(|_| settings.first_under_default && prefix_len > 0) {
+                let system = info(first.sample).system_len;
+                if system <= first.len {
+                    row.len -= system;
+                }
+            }
         }
     } else {
         // Outside moi every instruction is its own chunk.
@@ -519,6 +530,11 @@ pub struct Segment {
     pub tokens: Range<u32>,
     /// Token range of the system prompt in the row (empty when none).
     pub system: Range<u32>,
+    /// First token of the sample this segment starts at (non-zero for the later pieces of a
+    /// split sample).
+    pub offset: u32,
+    /// Whether the segment holds less than the whole sample (truncated or split).
+    pub partial: bool,
 }
 
 /// A built row, ready for the trainer or the preview.
@@ -573,6 +589,8 @@ pub fn build_row<'a>(
             chunk: 0,
             tokens: 0..take as u32,
             system: 0..take as u32,
+            offset: 0,
+            partial: take < prefix.input_ids.len(),
         });
     }
     let prefix_end = row.input_ids.len();
@@ -586,7 +604,8 @@ pub fn build_row<'a>(
             && settings.first_under_default
             && settings.mode == PackMode::Moi
             && prefix_len > 0
-            && from <= sample.system.start as usize
+            && from == 0
+            && sample.system.end as usize <= to
         {
             skip = sample.system.start as usize..sample.system.end as usize;
         }
@@ -605,6 +624,10 @@ pub fn build_row<'a>(
             row.input_ids.push(sample.input_ids[t]);
             row.labels.push(sample.labels[t]);
         }
+        // A segment's first token is never predicted from the segment before it.
+        if let Some(first) = row.labels.get_mut(start as usize) {
+            *first = IGNORE_INDEX;
+        }
         row.segments.push(Segment {
             kind: SegmentKind::Instruction,
             task: Some(piece.sample.task),
@@ -612,6 +635,8 @@ pub fn build_row<'a>(
             chunk: piece.chunk,
             tokens: start..row.input_ids.len() as u32,
             system,
+            offset: piece.offset,
+            partial: piece.offset > 0 || (to - from) < sample.input_ids.len(),
         });
     }
     // Segment ids and positions from the layout.
@@ -674,6 +699,7 @@ mod tests {
         SampleInfo {
             len: lengths(s.task, s.record),
             trained: lengths(s.task, s.record) / 2,
+            system_len: 10,
         }
     }
 
@@ -784,6 +810,7 @@ mod tests {
         let long = |s: SampleRef| SampleInfo {
             len: if s.record == 0 { 5000 } else { 100 },
             trained: 10,
+            system_len: 0,
         };
         for (rule, pieces, counts) in [
             (Overlong::Truncate, 4, (1, 0, 0)),
@@ -834,7 +861,11 @@ mod tests {
             .map(|t| (0..4).map(|r| toy_tokens(t, r)).collect())
             .collect();
         let e = epoch(&[4, 4, 4], Strategy::Balanced);
-        let info = |_s: SampleRef| SampleInfo { len: 7, trained: 2 };
+        let info = |_s: SampleRef| SampleInfo {
+            len: 7,
+            trained: 2,
+            system_len: 3,
+        };
         let prefix = SampleTokens {
             input_ids: vec![9001, 9002],
             labels: vec![IGNORE_INDEX; 2],
@@ -914,10 +945,59 @@ mod tests {
     }
 
     #[test]
+    fn no_segment_learns_its_first_token_from_the_segment_before() {
+        // Every token labelled (as with train_on_prompt), and one sample split in two.
+        let full = |n: u32, base: u32| SampleTokens {
+            input_ids: (0..n).map(|i| base + i).collect(),
+            labels: (0..n).map(|i| (base + i) as i32).collect(),
+            system: 0..0,
+        };
+        let store = [full(40, 100), full(10, 500)];
+        let e: Vec<SampleRef> = (0..2).map(|r| SampleRef { task: 0, record: r }).collect();
+        let info = |s: SampleRef| SampleInfo {
+            len: store[s.record as usize].input_ids.len() as u32,
+            trained: 0,
+            system_len: 0,
+        };
+        let s = PackSettings {
+            mode: PackMode::Concat,
+            max_seq_len: 32,
+            overlong: Overlong::Split,
+            ..PackSettings::default()
+        };
+        let p = plan(&e, &info, 1, 0, &s, 0);
+        let mut segments = 0;
+        for i in 0..p.rows.len() {
+            let row = build_row(
+                &p,
+                i,
+                &|r| &store[r.record as usize],
+                &SampleTokens::default(),
+                &s,
+            );
+            for seg in &row.segments {
+                assert_eq!(row.labels[seg.tokens.start as usize], IGNORE_INDEX);
+                assert!(row.labels[seg.tokens.start as usize + 1] >= 0);
+                assert_eq!(
+                    seg.partial,
+                    seg.record == Some(0),
+                    "only the split sample is partial"
+                );
+                segments += 1;
+            }
+        }
+        assert_eq!(segments, 3, "40 tokens split in two, plus the short sample");
+    }
+
+    #[test]
     fn first_instruction_can_drop_its_own_prompt() {
         let store: Vec<SampleTokens> = (0..2).map(|r| toy_tokens(0, r)).collect();
         let e: Vec<SampleRef> = (0..2).map(|r| SampleRef { task: 0, record: r }).collect();
-        let info = |_s: SampleRef| SampleInfo { len: 7, trained: 2 };
+        let info = |_s: SampleRef| SampleInfo {
+            len: 7,
+            trained: 2,
+            system_len: 3,
+        };
         let prefix = SampleTokens {
             input_ids: vec![9001],
             labels: vec![IGNORE_INDEX],
@@ -937,5 +1017,10 @@ mod tests {
         );
         assert_eq!(row.segments[2].system.end - row.segments[2].system.start, 3);
         assert_eq!(row.input_ids.len(), 1 + 4 + 7);
+        assert_eq!(
+            p.rows[0].len as usize,
+            row.input_ids.len(),
+            "the plan counts the dropped block"
+        );
     }
 }

@@ -266,6 +266,28 @@ impl Project {
             path: path.to_path_buf(),
             why,
         };
+        let packing = &self.packing;
+        if packing.max_seq_len < 16 {
+            return Err(invalid(format!(
+                "packing.max_seq_len {} is too small (16 tokens at least)",
+                packing.max_seq_len
+            )));
+        }
+        if packing.reset_position_ids
+            && packing.attention == crate::core::packing::AttentionLayout::Full
+        {
+            return Err(invalid(
+                "packing.reset_position_ids needs attention = \"isolated\" or \"chunk\": with \
+                 full attention, restarted positions would see later positions before them"
+                    .to_string(),
+            ));
+        }
+        let t = self.mixing.temperature;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(invalid(format!(
+                "mixing.temperature {t} must be above zero"
+            )));
+        }
         for (i, task) in self.tasks.iter().enumerate() {
             let which = format!("task {} (\"{}\")", i + 1, task.name);
             if task.name.trim().is_empty() {
@@ -445,6 +467,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("eval_fraction 2"), "{msg}");
+        let msg = Project::from_toml("[packing]\nmax_seq_len = 4\n", Path::new("p"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("max_seq_len 4 is too small"), "{msg}");
+        let msg = Project::from_toml("[mixing]\ntemperature = 0.0\n", Path::new("p"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("temperature 0 must be above zero"), "{msg}");
         let text = "[[tasks]]\nname = \"m\"\nsystem_prompt = \"s\"\n[[tasks]]\nname = \"m\"\nsystem_prompt = \"t\"\n";
         let msg = Project::from_toml(text, Path::new("p"))
             .unwrap_err()

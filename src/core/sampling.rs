@@ -72,6 +72,7 @@ pub struct TaskSize {
 /// (largest-remainder rounding); a task with no records gets none.
 pub fn epoch_counts(tasks: &[TaskSize], strategy: Strategy) -> Vec<usize> {
     let total: usize = tasks.iter().map(|t| t.records).sum();
+    let largest = tasks.iter().map(|t| t.records).max().unwrap_or(0).max(1) as f64;
     let shares: Vec<f64> = tasks
         .iter()
         .map(|t| {
@@ -81,7 +82,10 @@ pub fn epoch_counts(tasks: &[TaskSize], strategy: Strategy) -> Vec<usize> {
             match strategy {
                 Strategy::Natural => t.records as f64,
                 Strategy::Balanced => 1.0,
-                Strategy::Temperature { t: temp } => (t.records as f64).powf(1.0 / temp.max(1e-6)),
+                // Relative to the largest task, in log space, so a small T cannot overflow.
+                Strategy::Temperature { t: temp } => {
+                    (((t.records as f64).ln() - largest.ln()) / temp.max(1e-6)).exp()
+                }
                 Strategy::Weights => t.weight.max(0.0),
             }
         })
@@ -268,6 +272,9 @@ mod tests {
             [100, 164, 400]
         );
         assert_eq!(epoch_counts(&sizes(&[0, 10]), Strategy::Balanced), [0, 10]);
+        // A very low temperature gives (almost) everything to the largest task, without overflow.
+        let cold = epoch_counts(&sizes(&[2000, 3000]), Strategy::Temperature { t: 0.01 });
+        assert_eq!(cold, [0, 5000]);
     }
 
     #[test]

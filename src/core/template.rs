@@ -333,41 +333,70 @@ impl ChatTemplate {
 
     /// Renders `messages` and finds each message's text in the result. Assistant spans are
     /// extended over the end-of-turn marker that follows them.
+    ///
+    /// Each message is first rendered as a unique placeholder, which shows the template's own
+    /// text between messages; the real rendering is then cut at those separators. Only when the
+    /// template's layout depends on the content (so the separators differ) is each message's text
+    /// searched for in order instead.
     pub fn render_with_spans(&self, messages: &[ChatMessage]) -> Result<Rendered, TemplateError> {
         let text = self.render(messages, false)?;
-        let mut spans = Vec::with_capacity(messages.len());
-        let mut cursor = 0;
-        for (i, m) in messages.iter().enumerate() {
-            let unlocatable = || TemplateError::Unlocatable {
-                message: i + 1,
-                role: m.role.clone(),
-            };
-            // Templates may trim the text; look for it as written, then trimmed.
-            let needle = if text[cursor..].contains(m.content.as_str()) {
-                m.content.as_str()
-            } else {
-                m.content.trim()
-            };
-            let start = if needle.is_empty() {
-                cursor
-            } else {
-                cursor + text[cursor..].find(needle).ok_or_else(unlocatable)?
-            };
-            let mut end = start + needle.len();
-            if m.role == "assistant"
-                && !self.end_of_turn.is_empty()
-                && text[end..].starts_with(&self.end_of_turn)
-            {
-                end += self.end_of_turn.len();
-            }
-            spans.push(MessageSpan {
-                message: i,
-                role: m.role.clone(),
-                range: start..end,
-            });
-            cursor = end;
-        }
+        let ranges = match self.separators(messages)? {
+            Some(parts) => locate_by_separators(&text, &parts),
+            None => None,
+        };
+        let ranges = match ranges {
+            Some(r) => r,
+            None => locate_by_search(&text, messages)?,
+        };
+        let spans = messages
+            .iter()
+            .zip(ranges)
+            .enumerate()
+            .map(|(i, (m, range))| {
+                let mut range = range;
+                if m.role == "assistant" && !self.end_of_turn.is_empty() {
+                    let rest = &text[range.end..];
+                    let gap = rest.len() - rest.trim_start().len();
+                    if rest[gap..].starts_with(&self.end_of_turn) {
+                        range.end += gap + self.end_of_turn.len();
+                    }
+                }
+                MessageSpan {
+                    message: i,
+                    role: m.role.clone(),
+                    range,
+                }
+            })
+            .collect();
         Ok(Rendered { text, spans })
+    }
+
+    /// The template's text around each message: `parts[i]` comes before message `i`, the last
+    /// part after the last message. `None` when a placeholder does not come through unchanged.
+    fn separators(&self, messages: &[ChatMessage]) -> Result<Option<Vec<String>>, TemplateError> {
+        let marks: Vec<String> = (0..messages.len())
+            .map(|i| format!("\u{e000}MOI{i}\u{e001}"))
+            .collect();
+        let placeholders: Vec<ChatMessage> = messages
+            .iter()
+            .zip(&marks)
+            .map(|(m, mark)| ChatMessage {
+                role: m.role.clone(),
+                content: mark.clone(),
+            })
+            .collect();
+        let rendered = self.render(&placeholders, false)?;
+        let mut parts = Vec::with_capacity(messages.len() + 1);
+        let mut rest = rendered.as_str();
+        for mark in &marks {
+            let Some((before, after)) = rest.split_once(mark.as_str()) else {
+                return Ok(None);
+            };
+            parts.push(before.to_string());
+            rest = after;
+        }
+        parts.push(rest.to_string());
+        Ok(Some(parts))
     }
 
     /// Finds what the template writes right after an assistant's text: its end-of-turn marker.
@@ -381,13 +410,70 @@ impl ChatTemplate {
         let Some(at) = text.rfind(ANSWER) else {
             return Ok(String::new());
         };
-        let after = &text[at + ANSWER.len()..];
+        let after = text[at + ANSWER.len()..].trim_start();
         Ok(after
             .split(|c: char| c.is_whitespace())
             .next()
             .unwrap_or("")
             .to_string())
     }
+}
+
+/// Cuts `text` at the template's separators; `None` when they are not where they should be.
+fn locate_by_separators(text: &str, parts: &[String]) -> Option<Vec<Range<usize>>> {
+    let n = parts.len() - 1;
+    let mut ranges = Vec::with_capacity(n);
+    let mut cursor = parts[0].len();
+    if !text.starts_with(parts[0].as_str()) {
+        return None;
+    }
+    for i in 0..n {
+        let sep = parts[i + 1].as_str();
+        let end = if i + 1 == n {
+            if !text.ends_with(sep) || text.len() - sep.len() < cursor {
+                return None;
+            }
+            text.len() - sep.len()
+        } else {
+            if sep.is_empty() {
+                return None;
+            }
+            cursor + text[cursor..].find(sep)?
+        };
+        ranges.push(cursor..end);
+        cursor = end + sep.len();
+    }
+    Some(ranges)
+}
+
+/// Finds each message's text in order (as written, or trimmed, as templates may trim it).
+fn locate_by_search(
+    text: &str,
+    messages: &[ChatMessage],
+) -> Result<Vec<Range<usize>>, TemplateError> {
+    let mut ranges = Vec::with_capacity(messages.len());
+    let mut cursor = 0;
+    for (i, m) in messages.iter().enumerate() {
+        let needle = if text[cursor..].contains(m.content.as_str()) {
+            m.content.as_str()
+        } else {
+            m.content.trim()
+        };
+        let start = if needle.is_empty() {
+            cursor
+        } else {
+            cursor
+                + text[cursor..]
+                    .find(needle)
+                    .ok_or_else(|| TemplateError::Unlocatable {
+                        message: i + 1,
+                        role: m.role.clone(),
+                    })?
+        };
+        ranges.push(start..start + needle.len());
+        cursor = start + needle.len();
+    }
+    Ok(ranges)
 }
 
 #[cfg(test)]
@@ -442,6 +528,49 @@ mod tests {
         let r = t.render_with_spans(&tricky).unwrap();
         let span = r.assistant_ranges().next().unwrap();
         assert!(span.start > r.text.find("Say 2 then 2").unwrap() + 12);
+    }
+
+    #[test]
+    fn short_and_empty_answers_land_on_their_own_text() {
+        let t = ChatTemplate::chatml();
+        let conv = vec![
+            ChatMessage::new(Role::User, "Pick one: a or b?"),
+            ChatMessage::new(Role::Assistant, "a"),
+        ];
+        let r = t.render_with_spans(&conv).unwrap();
+        let span = r.assistant_ranges().next().unwrap();
+        assert_eq!(&r.text[span.clone()], "a<|im_end|>");
+        assert!(span.start > r.text.find("<|im_start|>assistant").unwrap());
+        let conv = vec![
+            ChatMessage::new(Role::User, "q1"),
+            ChatMessage::new(Role::Assistant, ""),
+            ChatMessage::new(Role::User, "q2"),
+            ChatMessage::new(Role::Assistant, "x"),
+        ];
+        let r = t.render_with_spans(&conv).unwrap();
+        let spans: Vec<&str> = r.assistant_ranges().map(|s| &r.text[s]).collect();
+        assert_eq!(spans, ["<|im_end|>", "x<|im_end|>"]);
+        let first = r.assistant_ranges().next().unwrap();
+        assert!(first.start > r.text.find("<|im_start|>assistant").unwrap());
+    }
+
+    #[test]
+    fn end_marker_after_a_space_is_found() {
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %} {{ m.content }} {{ eos_token }}{% endif %}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        assert_eq!(t.end_of_turn, "</s>");
+        let r = t
+            .render_with_spans(&[
+                ChatMessage::new(Role::User, "hi"),
+                ChatMessage::new(Role::Assistant, "hello"),
+            ])
+            .unwrap();
+        let span = r.assistant_ranges().next().unwrap();
+        assert_eq!(&r.text[span], "hello </s>");
     }
 
     #[test]

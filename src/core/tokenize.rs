@@ -30,6 +30,12 @@ pub enum TokenizeError {
     /// The tokenizer failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// The template renders a lone system message as nothing, so no row can start with it.
+    #[error(
+        "the chat template writes nothing for a conversation holding only a system message, so \
+         the default system prompt cannot head MoI rows; choose another template"
+    )]
+    NoSystemTurn,
 }
 
 /// The messages a record is trained as: its system prompt chosen by the task's rule, then its
@@ -79,7 +85,16 @@ fn label_tokens(
                 .position(|&o| overlaps(o, &r) || o.0 >= r.start);
             let last = offsets.iter().rposition(|&o| overlaps(o, &r));
             match (first, last) {
-                (Some(f), Some(l)) if l >= f => f as u32..l as u32 + 1,
+                (Some(mut f), Some(mut l)) if l >= f => {
+                    // Removing the block is ambiguous when it ends with the token before it
+                    // (`…<|im_end|>\n<|im_start|>` after `<|im_start|>`): slide it back so it
+                    // reads as a whole turn.
+                    while f > 0 && ids[f - 1] == ids[l] {
+                        f -= 1;
+                        l -= 1;
+                    }
+                    f as u32..l as u32 + 1
+                }
                 _ => 0..0,
             }
         }
@@ -90,6 +105,31 @@ fn label_tokens(
         labels,
         system,
     })
+}
+
+/// The byte range of `with` that `without` lacks: what the template writes for the system
+/// message, markers included. Removing it from `with` gives `without`.
+fn system_block(with: &str, without: &str) -> Range<usize> {
+    let mut prefix = with
+        .bytes()
+        .zip(without.bytes())
+        .take_while(|(a, b)| a == b)
+        .count();
+    while !with.is_char_boundary(prefix) {
+        prefix -= 1;
+    }
+    let room = without.len().min(with.len()) - prefix;
+    let mut suffix = with
+        .bytes()
+        .rev()
+        .zip(without.bytes().rev())
+        .take(room)
+        .take_while(|(a, b)| a == b)
+        .count();
+    while !with.is_char_boundary(with.len() - suffix) {
+        suffix -= 1;
+    }
+    prefix..with.len() - suffix
 }
 
 /// Tokenizes one conversation with its labels.
@@ -108,16 +148,13 @@ pub fn tokenize_messages(
     if options.last_turn_only && !options.train_on_prompt && trained.len() > 1 {
         trained.drain(..trained.len() - 1);
     }
-    // The system block runs from the start to the end of the system turn (marker included).
-    let system = rendered.spans.iter().find(|s| s.role == "system").map(|s| {
-        let mut end = s.range.end;
-        let rest = &rendered.text[end..];
-        if !template.end_of_turn.is_empty() && rest.starts_with(&template.end_of_turn) {
-            end += template.end_of_turn.len();
-        }
-        end += rendered.text[end..].len() - rendered.text[end..].trim_start().len();
-        0..end
-    });
+    let system = match messages.first() {
+        Some(first) if first.role == "system" => Some(system_block(
+            &rendered.text,
+            &template.render(&messages[1..], false)?,
+        )),
+        _ => None,
+    };
     label_tokens(tokenizer, &rendered.text, &trained, system)
 }
 
@@ -129,6 +166,9 @@ pub fn tokenize_prefix(
 ) -> Result<SampleTokens, TokenizeError> {
     let messages = [ChatMessage::new(Role::System, default_prompt)];
     let text = template.render(&messages, false)?;
+    if !text.contains(default_prompt.trim()) {
+        return Err(TokenizeError::NoSystemTurn);
+    }
     let mut tokens = label_tokens(tokenizer, &text, &[], Some(0..text.len()))?;
     tokens.system = 0..tokens.input_ids.len() as u32;
     Ok(tokens)
@@ -222,6 +262,19 @@ mod tests {
         };
         let s = tokenize_messages(&tok, &t, &msgs, all).unwrap();
         assert!(s.labels.iter().all(|&l| l >= 0));
+    }
+
+    #[test]
+    fn system_block_is_what_the_system_message_adds() {
+        let t = ChatTemplate::llama3();
+        let msgs = conversation(&record(), "Task prompt.", SystemRule::Replace);
+        let with = t.render(&msgs, false).unwrap();
+        let without = t.render(&msgs[1..], false).unwrap();
+        let block = system_block(&with, &without);
+        let mut cut = with.clone();
+        cut.replace_range(block.clone(), "");
+        assert_eq!(cut, without);
+        assert!(with[block].contains("Task prompt."));
     }
 
     #[test]
