@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use assert_cmd::Command;
 use moi_studio::core::dataset::{TaskData, load_project};
-use moi_studio::core::mixing::{PackingPreview, Prepared, load_template, load_tokenizer};
+use moi_studio::core::mixing::{PackingPreview, Prepared};
 use moi_studio::core::packing::{IGNORE_INDEX, PackMode, PackSettings, SegmentKind};
 use moi_studio::core::project::Project;
 
@@ -27,16 +27,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let project = Project::load(&demo()).unwrap();
         let data = load_project(&project, &mut |_| {});
-        let tokenizer = load_tokenizer(&project, &project.mixing, &data).unwrap();
-        let template = load_template(&project, &project.mixing).unwrap();
-        let prepared = Prepared::build(
-            &project,
-            &data,
-            &tokenizer,
-            &template,
-            project.mixing.labels,
-        )
-        .unwrap();
+        let (tokenizer, prepared) = Prepared::for_project(&project, &data).unwrap();
         Fixture {
             project,
             prepared,

@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 
 use crate::core::dataset::{TaskData, load_task};
 use crate::core::fsutil::write_atomic;
-use crate::core::mixing::{PackingPreview, Prepared, load_template, load_tokenizer, row_text};
+use crate::core::mixing::{PackingPreview, Prepared, row_text};
 use crate::core::packing::{PackMode, PackPlan, PackSettings, PackedRow, SegmentKind};
 use crate::core::project::Project;
 use crate::core::tokenize::conversation;
@@ -46,19 +46,12 @@ fn load(path: &Path, quiet: bool) -> anyhow::Result<Loaded> {
     if data.iter().all(|d| d.records.is_empty()) {
         bail!("no task of {} has any record to mix", path.display());
     }
-    if project.mixing.tokenizer.is_none() {
-        say("training the built-in tokenizer on the project's text…");
-    }
-    let tokenizer = load_tokenizer(&project, &project.mixing, &data)?;
-    let template = load_template(&project, &project.mixing)?;
-    say("tokenizing…");
-    let prepared = Prepared::build(
-        &project,
-        &data,
-        &tokenizer,
-        &template,
-        project.mixing.labels,
-    )?;
+    say(if project.mixing.tokenizer.is_none() {
+        "training the built-in tokenizer on the project's text and tokenizing…"
+    } else {
+        "tokenizing…"
+    });
+    let (tokenizer, prepared) = Prepared::for_project(&project, &data)?;
     for t in &prepared.tasks {
         for (origin, why) in t.failed.iter().take(5) {
             say(&format!(

@@ -243,6 +243,18 @@ impl Prepared {
         Ok(Self { tasks, prefix })
     }
 
+    /// The project's tokenizer (loaded, or trained on its text) and every task tokenized with
+    /// the project's template and label options.
+    pub fn for_project(
+        project: &Project,
+        data: &[TaskData],
+    ) -> Result<(Tokenizer, Self), MixError> {
+        let tokenizer = load_tokenizer(project, &project.mixing, data)?;
+        let template = load_template(project, &project.mixing)?;
+        let prepared = Self::build(project, data, &tokenizer, &template, project.mixing.labels)?;
+        Ok((tokenizer, prepared))
+    }
+
     /// Checks the default-prompt prefix leaves room in a row: it may take at most half of it.
     pub fn check_fits(&self, pack: &PackSettings) -> Result<(), MixError> {
         let prefix = self.prefix.input_ids.len();
