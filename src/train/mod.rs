@@ -1,4 +1,6 @@
-//! Model-side code (candle): device choice now; the model, trainer and evaluation come with the
-//! model and trainer issues.
+//! Model-side code (candle): device choice, the trainable decoder and its configuration. The
+//! trainer and evaluation come with the trainer issue.
 
+pub mod config;
 pub mod device;
+pub mod model;
