@@ -160,14 +160,14 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.kv_heads() == 0 {
             return Err("a model needs at least one attention head".to_string());
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(format!(
                 "{} query heads cannot share {} key/value heads evenly",
                 self.num_attention_heads,
                 self.kv_heads()
             ));
         }
-        if self.head_size() % 2 != 0 {
+        if !self.head_size().is_multiple_of(2) {
             return Err(format!(
                 "head size {} must be even for rotary embeddings",
                 self.head_size()
