@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod device;
+pub mod load;
 pub mod model;
