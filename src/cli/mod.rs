@@ -2,6 +2,7 @@
 
 mod import;
 mod mix;
+mod score;
 mod tasks;
 
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub enum Command {
     Preview(mix::PreviewArgs),
     /// Write a project's packed training rows (parquet or JSONL) and mixed conversations.
     Pack(mix::PackArgs),
+    /// Print a model's token count, mean negative log-likelihood and perplexity on a text.
+    Score(score::ScoreArgs),
 }
 
 /// One line per command, for messages that tell a user what else they can do.
@@ -52,6 +55,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Tasks(args) => tasks::run(args),
         Command::Preview(args) => mix::run_preview(args),
         Command::Pack(args) => mix::run_pack(args),
+        Command::Score(args) => score::run(args),
     }
 }
 

@@ -103,8 +103,31 @@ impl ModelConfig {
             why,
         };
         let text = std::fs::read_to_string(path).map_err(|e| read(e.to_string()))?;
-        let mut config: ModelConfig =
+        let raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| read(e.to_string()))?;
+        let mut config: ModelConfig =
+            serde_json::from_value(raw.clone()).map_err(|e| read(e.to_string()))?;
+        // transformers 5 writes the rotary settings under `rope_parameters` (older files use
+        // `rope_theta` and `rope_scaling`); only plain rotary is implemented.
+        for key in ["rope_parameters", "rope_scaling"] {
+            let Some(params) = raw.get(key).filter(|v| v.is_object()) else {
+                continue;
+            };
+            if let Some(theta) = params.get("rope_theta").and_then(|v| v.as_f64()) {
+                config.rope_theta = theta;
+            }
+            let kind = params
+                .get("rope_type")
+                .or_else(|| params.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(ConfigError::Inconsistent {
+                    path: path.to_path_buf(),
+                    why: format!("rotary scaling \"{kind}\" is not supported yet"),
+                });
+            }
+        }
         if !SUPPORTED_MODEL_TYPES.contains(&config.model_type.as_str()) {
             return Err(ConfigError::Unsupported {
                 path: path.to_path_buf(),

@@ -3,5 +3,7 @@
 
 pub mod config;
 pub mod device;
+pub mod gguf;
 pub mod load;
 pub mod model;
+pub mod score;
