@@ -7,3 +7,4 @@ pub mod gguf;
 pub mod load;
 pub mod model;
 pub mod score;
+pub mod tiny;
