@@ -5,7 +5,8 @@ can be checked against an independent implementation.
   python3 scripts/make_golden_models.py      # needs torch, transformers, safetensors
 
 Writes tests/data/golden/<name>/{config.json, model.safetensors, logits.json} for a Qwen2-style
-model (q/k/v bias, tied embeddings, GQA) and a Llama-style model (no bias, untied head).
+model (q/k/v bias, tied embeddings, GQA), a Llama-style model (no bias, untied head) and a
+Llama 3.1-style one (rotary scaling).
 """
 
 import json
@@ -43,3 +44,7 @@ def build(name, config_cls, model_cls, **kw):
 
 build("qwen2", Qwen2Config, Qwen2ForCausalLM, tie_word_embeddings=True, rope_theta=1000000.0)
 build("llama", LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False, rope_theta=10000.0)
+# Llama 3.1-style rotary scaling (context stretched 8x from 16 positions, so it matters here).
+build("llama3", LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False,
+      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16})

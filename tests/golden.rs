@@ -61,3 +61,8 @@ fn tiny_qwen2_matches_transformers() {
 fn tiny_llama_matches_transformers() {
     check("llama");
 }
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_transformers() {
+    check("llama3");
+}

@@ -57,12 +57,47 @@ pub struct ModelConfig {
     /// Bias on q/k/v projections (Qwen2 has it; Llama does not).
     #[serde(default)]
     pub attention_bias: bool,
+    /// Llama 3.1-style rotary frequency scaling, when the config asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llama3_rope: Option<Llama3Rope>,
     /// Token id of BOS, if the model has one.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     /// Token id(s) of EOS.
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
+}
+
+/// Llama 3.1's rotary scaling: low frequencies divided by `factor`, high ones kept, a smooth
+/// blend between.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Llama3Rope {
+    /// How much longer the context is than in pre-training.
+    pub factor: f64,
+    /// Wavelengths above original_context / low_freq_factor are fully scaled.
+    pub low_freq_factor: f64,
+    /// Wavelengths below original_context / high_freq_factor are kept.
+    pub high_freq_factor: f64,
+    /// The pre-training context length.
+    pub original_max_position_embeddings: f64,
+}
+
+impl Llama3Rope {
+    /// Scales one inverse frequency.
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        let low_wavelen = self.original_max_position_embeddings / self.low_freq_factor;
+        let high_wavelen = self.original_max_position_embeddings / self.high_freq_factor;
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        if wavelen < high_wavelen {
+            inv_freq
+        } else if wavelen > low_wavelen {
+            inv_freq / self.factor
+        } else {
+            let smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        }
+    }
 }
 
 fn default_model_type() -> String {
@@ -121,7 +156,32 @@ impl ModelConfig {
                 .or_else(|| params.get("type"))
                 .and_then(|v| v.as_str())
                 .unwrap_or("default");
-            if kind != "default" {
+            if kind == "llama3" {
+                let num = |k: &str| params.get(k).and_then(|v| v.as_f64());
+                match (
+                    num("factor"),
+                    num("low_freq_factor"),
+                    num("high_freq_factor"),
+                    num("original_max_position_embeddings"),
+                ) {
+                    (Some(factor), Some(low), Some(high), Some(original)) if high > low => {
+                        config.llama3_rope = Some(Llama3Rope {
+                            factor,
+                            low_freq_factor: low,
+                            high_freq_factor: high,
+                            original_max_position_embeddings: original,
+                        });
+                    }
+                    _ => {
+                        return Err(ConfigError::Inconsistent {
+                            path: path.to_path_buf(),
+                            why: "llama3 rotary scaling needs factor, low_freq_factor, \
+                                  high_freq_factor and original_max_position_embeddings"
+                                .to_string(),
+                        });
+                    }
+                }
+            } else if kind != "default" {
                 return Err(ConfigError::Inconsistent {
                     path: path.to_path_buf(),
                     why: format!("rotary scaling \"{kind}\" is not supported yet"),
@@ -162,6 +222,7 @@ impl ModelConfig {
             max_position_embeddings: 512,
             tie_word_embeddings: true,
             attention_bias: false,
+            llama3_rope: None,
             bos_token_id: None,
             eos_token_id: None,
         }

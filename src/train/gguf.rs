@@ -258,6 +258,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LoadedModel, GgufExtra
             .unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: false,
+        llama3_rope: None,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: token_id("tokenizer.ggml.eos_token_id").map(serde_json::Value::from),
     };

@@ -52,7 +52,10 @@ impl Rotary {
         let head = cfg.head_size();
         let half = head / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / head as f64)) as f32)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / head as f64);
+                cfg.llama3_rope.map_or(f, |r| r.scale(f)) as f32
+            })
             .collect();
         let positions = cfg.max_position_embeddings;
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
