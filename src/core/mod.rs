@@ -3,8 +3,10 @@
 
 pub mod bpe;
 pub mod dataset;
+pub mod events;
 pub mod fsutil;
 pub mod import;
+pub mod metrics;
 pub mod mixing;
 pub mod packing;
 pub mod presets;

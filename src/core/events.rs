@@ -1,0 +1,280 @@
+//! The training worker's protocol: commands to it, events from it, and the sender that never
+//! drops a step (when the channel is full, steps are merged into one aggregate that goes out with
+//! the next send).
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, SendError, Sender, TrySendError, bounded};
+use serde::{Deserialize, Serialize};
+
+/// What the UI or CLI can ask of a running worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainCommand {
+    /// Hold after the current step.
+    Pause,
+    /// Carry on after a pause.
+    Resume,
+    /// Save a checkpoint and stop.
+    Stop,
+    /// Evaluate at the next step boundary.
+    EvalNow,
+    /// Write a checkpoint at the next step boundary.
+    SaveCheckpoint,
+}
+
+/// One optimizer step's numbers (or several merged, see `steps`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// The (last) step number, from 1.
+    pub step: u64,
+    /// Epoch, fractional.
+    pub epoch: f64,
+    /// Training loss (mean over the merged steps).
+    pub loss: f64,
+    /// Learning rate at the last step.
+    pub lr: f64,
+    /// Global gradient norm before clipping (mean over the merged steps).
+    pub grad_norm: f64,
+    /// Training throughput.
+    pub tokens_per_sec: f64,
+    /// Seconds since the run started.
+    pub elapsed_s: f64,
+    /// How many steps these numbers stand for (1 unless merged).
+    pub steps: u32,
+}
+
+impl StepMetrics {
+    /// Merges a later step into this one: means weighted by steps, latest step/lr/time kept.
+    pub fn absorb(&mut self, later: &StepMetrics) {
+        let (a, b) = (f64::from(self.steps), f64::from(later.steps));
+        let w = |x: f64, y: f64| (x * a + y * b) / (a + b);
+        self.loss = w(self.loss, later.loss);
+        self.grad_norm = w(self.grad_norm, later.grad_norm);
+        self.tokens_per_sec = w(self.tokens_per_sec, later.tokens_per_sec);
+        self.step = later.step;
+        self.epoch = later.epoch;
+        self.lr = later.lr;
+        self.elapsed_s = later.elapsed_s;
+        self.steps += later.steps;
+    }
+}
+
+/// Which system prompt an evaluation ran under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptKind {
+    /// The task's own system prompt.
+    Task,
+    /// The project's default system prompt.
+    Default,
+}
+
+/// One task's evaluation under one prompt kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Step evaluated at.
+    pub step: u64,
+    /// The task.
+    pub task: String,
+    /// Under which prompt.
+    pub prompt: PromptKind,
+    /// Mean loss on answer tokens.
+    pub loss: f64,
+    /// Share of answer tokens predicted exactly (greedy).
+    pub accuracy: f64,
+    /// Share of generated answers that pass the task's check, when it has one.
+    pub exact_match: Option<f64>,
+}
+
+/// Everything a worker reports, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    /// The run began.
+    Started {
+        /// "cpu" or "cuda:0".
+        device: String,
+        /// Why that device.
+        device_reason: String,
+        /// All parameters.
+        parameters: u64,
+        /// Parameters being trained.
+        trainable: u64,
+        /// Steps planned.
+        total_steps: u64,
+    },
+    /// A step (or merged steps) finished.
+    Step(StepMetrics),
+    /// An evaluation finished.
+    Eval(EvalMetrics),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// At which step.
+        step: u64,
+        /// Where.
+        path: String,
+    },
+    /// A line for the log.
+    Log {
+        /// The text.
+        message: String,
+    },
+    /// The run reached its end.
+    Finished {
+        /// Last step.
+        step: u64,
+    },
+    /// The run was stopped on request.
+    Stopped {
+        /// Last step.
+        step: u64,
+    },
+    /// The run failed.
+    Failed {
+        /// Why, in a sentence.
+        error: String,
+    },
+}
+
+impl TrainEvent {
+    /// Whether this event ends the run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            TrainEvent::Finished { .. } | TrainEvent::Stopped { .. } | TrainEvent::Failed { .. }
+        )
+    }
+}
+
+/// A callback that asks the UI to repaint.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// The worker's side of the event channel. Lifecycle events are sent blocking; steps are tried
+/// and, when the channel is full, merged into a pending aggregate sent before anything else.
+pub struct EventSender {
+    tx: Sender<TrainEvent>,
+    pending: Option<StepMetrics>,
+    wake: Wake,
+}
+
+/// A bounded event channel: the worker's sender and the listener's receiver.
+pub fn event_channel(capacity: usize, wake: Wake) -> (EventSender, Receiver<TrainEvent>) {
+    let (tx, rx) = bounded(capacity.max(1));
+    (
+        EventSender {
+            tx,
+            pending: None,
+            wake,
+        },
+        rx,
+    )
+}
+
+impl EventSender {
+    /// Reports a step without blocking; nothing is dropped.
+    pub fn step(&mut self, metrics: StepMetrics) {
+        let merged = match self.pending.take() {
+            Some(mut p) => {
+                p.absorb(&metrics);
+                p
+            }
+            None => metrics,
+        };
+        match self.tx.try_send(TrainEvent::Step(merged)) {
+            Ok(()) => (self.wake)(),
+            Err(TrySendError::Full(TrainEvent::Step(m))) => self.pending = Some(m),
+            Err(_) => {}
+        }
+    }
+
+    /// Sends a lifecycle event (after any pending steps), waiting for room. Fails only when the
+    /// listener is gone.
+    pub fn send(&mut self, event: TrainEvent) -> Result<(), SendError<TrainEvent>> {
+        if let Some(p) = self.pending.take() {
+            self.tx.send(TrainEvent::Step(p))?;
+        }
+        self.tx.send(event)?;
+        (self.wake)();
+        Ok(())
+    }
+
+    /// Sends any merged steps still waiting (blocking).
+    pub fn flush(&mut self) -> Result<(), SendError<TrainEvent>> {
+        if let Some(p) = self.pending.take() {
+            self.tx.send(TrainEvent::Step(p))?;
+            (self.wake)();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(n: u64, loss: f64) -> StepMetrics {
+        StepMetrics {
+            step: n,
+            epoch: n as f64 / 100.0,
+            loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_sec: 100.0,
+            elapsed_s: n as f64,
+            steps: 1,
+        }
+    }
+
+    #[test]
+    fn a_full_channel_merges_steps_and_loses_none() {
+        let (mut tx, rx) = event_channel(2, Arc::new(|| {}));
+        // Nobody reads while 10 steps arrive.
+        for n in 1..=10 {
+            tx.step(step(n, n as f64));
+        }
+        // Now a listener starts reading; the lifecycle event waits for room behind the merged steps.
+        let listener = std::thread::spawn(move || {
+            let mut events = Vec::new();
+            while let Ok(e) = rx.recv() {
+                let end = e.is_terminal();
+                events.push(e);
+                if end {
+                    break;
+                }
+            }
+            events
+        });
+        tx.send(TrainEvent::Finished { step: 10 }).unwrap();
+        let events = listener.join().unwrap();
+        let steps: Vec<StepMetrics> = events
+            .iter()
+            .filter_map(|e| match e {
+                TrainEvent::Step(m) => Some(*m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(steps.iter().map(|m| m.steps).sum::<u32>(), 10);
+        let total_loss: f64 = steps.iter().map(|m| m.loss * f64::from(m.steps)).sum();
+        assert!((total_loss - 55.0).abs() < 1e-9);
+        assert_eq!(steps.last().map(|m| m.step), Some(10));
+        assert!(events.last().is_some_and(TrainEvent::is_terminal));
+    }
+
+    #[test]
+    fn events_serialise_as_tagged_json_lines() {
+        let e = TrainEvent::Eval(EvalMetrics {
+            step: 5,
+            task: "math".into(),
+            prompt: PromptKind::Default,
+            loss: 1.5,
+            accuracy: 0.25,
+            exact_match: None,
+        });
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(line.starts_with("{\"event\":\"eval\""), "{line}");
+        assert!(line.contains("\"prompt\":\"default\""), "{line}");
+        let back: TrainEvent = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, e);
+    }
+}
