@@ -1,0 +1,200 @@
+//! From packed rows to a training batch, and the loss: next-token cross-entropy on trained tokens,
+//! averaged over tokens or per sample then over samples (MoI v2's normalisation, so every answer
+//! counts as it would unpacked).
+
+use candle_core::{D, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::core::packing::{PackedRow, SegmentKind};
+use crate::train::model::{Decoder, PAD_SEGMENT, attention_mask};
+
+/// How the loss averages over trained tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNorm {
+    /// Mean over every trained token of the batch.
+    #[default]
+    TokenMean,
+    /// Mean per sample, then mean over samples.
+    SampleMean,
+}
+
+/// Tensors for one step.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids `[b, t]` (padding 0).
+    pub input_ids: Tensor,
+    /// Position ids `[b, t]`.
+    pub positions: Tensor,
+    /// Additive attention mask `[b, 1, t, t]`.
+    pub mask: Tensor,
+    /// Next-token targets `[b·(t−1)]` (any id where not trained).
+    pub targets: Tensor,
+    /// Loss weight of each target `[b·(t−1)]`, zero where not trained; sums to one.
+    pub weights: Tensor,
+    /// Real (non-padding) tokens in the batch.
+    pub tokens: usize,
+    /// Targets with a non-zero weight.
+    pub trained: usize,
+}
+
+/// Pads `rows` to the longest and builds the batch.
+pub fn make_batch(rows: &[PackedRow], norm: LossNorm, device: &Device) -> Result<Batch> {
+    let t = rows
+        .iter()
+        .map(|r| r.input_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let b = rows.len();
+    let mut ids = vec![0u32; b * t];
+    let mut pos = vec![0u32; b * t];
+    let mut segs = vec![vec![PAD_SEGMENT; t]; b];
+    let mut targets = vec![0u32; b * (t - 1)];
+    let mut weights = vec![0f32; b * (t - 1)];
+    // Which sample (row, segment) each trained target belongs to.
+    let mut owner: Vec<Option<(usize, usize)>> = vec![None; b * (t - 1)];
+    let mut tokens = 0;
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.input_ids.len();
+        tokens += n;
+        ids[r * t..r * t + n].copy_from_slice(&row.input_ids);
+        pos[r * t..r * t + n].copy_from_slice(&row.position_ids);
+        segs[r][..n].copy_from_slice(&row.segment_ids);
+        for (s, seg) in row.segments.iter().enumerate() {
+            if seg.kind != SegmentKind::Instruction {
+                continue;
+            }
+            for j in seg.tokens.start.max(1) as usize..seg.tokens.end as usize {
+                let label = row.labels[j];
+                if label >= 0 {
+                    let k = r * (t - 1) + j - 1;
+                    targets[k] = label as u32;
+                    owner[k] = Some((r, s));
+                }
+            }
+        }
+    }
+    let trained = owner.iter().filter(|o| o.is_some()).count();
+    match norm {
+        LossNorm::TokenMean => {
+            for (w, o) in weights.iter_mut().zip(&owner) {
+                if o.is_some() {
+                    *w = 1.0 / trained.max(1) as f32;
+                }
+            }
+        }
+        LossNorm::SampleMean => {
+            let mut counts: std::collections::HashMap<(usize, usize), usize> = Default::default();
+            for o in owner.iter().flatten() {
+                *counts.entry(*o).or_default() += 1;
+            }
+            let samples = counts.len().max(1) as f32;
+            for (w, o) in weights.iter_mut().zip(&owner) {
+                if let Some(key) = o {
+                    *w = 1.0 / (counts[key] as f32 * samples);
+                }
+            }
+        }
+    }
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), device)?,
+        positions: Tensor::from_vec(pos, (b, t), device)?,
+        mask: attention_mask(&segs, t, device)?,
+        targets: Tensor::from_vec(targets, b * (t - 1), device)?,
+        weights: Tensor::from_vec(weights, b * (t - 1), device)?,
+        tokens,
+        trained,
+    })
+}
+
+/// The weighted next-token loss of `model` on `batch` (a scalar).
+pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
+    let logits = model.forward(&batch.input_ids, &batch.positions, &batch.mask)?;
+    let (b, t, v) = logits.dims3()?;
+    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = log_probs
+        .gather(&batch.targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
+    (picked * &batch.weights)?.sum_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::packing::{IGNORE_INDEX, Segment};
+
+    fn row() -> PackedRow {
+        // Two instructions: tokens 0..4 (trained 2..4) and 4..10 (trained 6..10).
+        let labels = vec![
+            IGNORE_INDEX,
+            IGNORE_INDEX,
+            12,
+            13,
+            IGNORE_INDEX,
+            IGNORE_INDEX,
+            16,
+            17,
+            18,
+            19,
+        ];
+        let seg = |a: u32, b: u32| Segment {
+            kind: SegmentKind::Instruction,
+            task: Some(0),
+            record: Some(0),
+            chunk: 0,
+            tokens: a..b,
+            system: a..a,
+            offset: 0,
+            partial: false,
+        };
+        PackedRow {
+            input_ids: (10..20).collect(),
+            labels,
+            position_ids: (0..10).collect(),
+            segment_ids: vec![1, 1, 1, 1, 2, 2, 2, 2, 2, 2],
+            segments: vec![seg(0, 4), seg(4, 10)],
+        }
+    }
+
+    #[test]
+    fn weights_follow_the_normalisation() {
+        let dev = Device::Cpu;
+        let tok = make_batch(&[row()], LossNorm::TokenMean, &dev).unwrap();
+        let w: Vec<f32> = tok.weights.to_vec1().unwrap();
+        assert_eq!(tok.trained, 6);
+        assert!(
+            w.iter()
+                .filter(|&&x| x > 0.0)
+                .all(|&x| (x - 1.0 / 6.0).abs() < 1e-6)
+        );
+        // Target at index j−1 predicts token j: token 2 (label 12) is predicted at index 1.
+        let targets: Vec<u32> = tok.targets.to_vec1().unwrap();
+        assert_eq!(targets[1], 12);
+        assert!(w[0] == 0.0 && w[1] > 0.0);
+        let per = make_batch(&[row()], LossNorm::SampleMean, &dev).unwrap();
+        let w: Vec<f32> = per.weights.to_vec1().unwrap();
+        // Sample 1 has 2 trained tokens, sample 2 has 4: weights 1/4 and 1/8.
+        assert!(
+            (w[1] - 0.25).abs() < 1e-6 && (w[5] - 0.125).abs() < 1e-6,
+            "{w:?}"
+        );
+        assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn padding_adds_nothing_to_the_batch() {
+        let dev = Device::Cpu;
+        let mut short = row();
+        short.input_ids.truncate(4);
+        short.labels.truncate(4);
+        short.position_ids.truncate(4);
+        short.segment_ids.truncate(4);
+        short.segments.truncate(1);
+        let b = make_batch(&[row(), short], LossNorm::TokenMean, &dev).unwrap();
+        assert_eq!(b.input_ids.dims(), &[2, 10]);
+        assert_eq!(b.tokens, 14);
+        assert_eq!(b.trained, 8);
+    }
+}
