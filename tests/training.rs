@@ -25,7 +25,9 @@ fn loss_falls_over_50_steps_on_the_demo_data() {
         ..project.packing.clone()
     };
     let plan = prepared.pack_epoch(&project.mixing, &pack, project.seed, 0);
-    let rows: Vec<_> = (0..plan.rows.len()).map(|i| prepared.row(&plan, i, &pack)).collect();
+    let rows: Vec<_> = (0..plan.rows.len())
+        .map(|i| prepared.row(&plan, i, &pack))
+        .collect();
     assert!(rows.len() > 100);
 
     let config = ModelConfig {
@@ -36,7 +38,13 @@ fn loss_falls_over_50_steps_on_the_demo_data() {
         ..ModelConfig::tiny(tokenizer.get_vocab_size(true))
     };
     let (model, weights) = new_trainable(&config, 42, &Device::Cpu).unwrap();
-    let mut params: Vec<_> = weights.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut params: Vec<_> = weights
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let vars: Vec<_> = params.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();
@@ -51,11 +59,15 @@ fn loss_falls_over_50_steps_on_the_demo_data() {
         let mut grads = loss.backward().unwrap();
         let norm = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
         assert!(norm.is_finite());
-        opt.step(&grads, lr_at(step, steps, 5, 3e-3, Decay::Cosine, 0.1)).unwrap();
+        opt.step(&grads, lr_at(step, steps, 5, 3e-3, Decay::Cosine, 0.1))
+            .unwrap();
     }
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
     let last: f32 = losses[45..].iter().sum::<f32>() / 5.0;
     // A fresh model starts near ln(vocab); 50 steps must take a clear bite out of that.
     assert!(first > 7.0, "initial loss {first}");
-    assert!(last < first - 1.5, "loss went from {first} to {last}: {losses:?}");
+    assert!(
+        last < first - 1.5,
+        "loss went from {first} to {last}: {losses:?}"
+    );
 }

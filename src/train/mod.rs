@@ -10,3 +10,4 @@ pub mod model;
 pub mod optim;
 pub mod score;
 pub mod tiny;
+pub mod trainer;

@@ -1,0 +1,365 @@
+//! The training loop: packed MoI rows in, AdamW steps out, lifecycle events to whoever listens,
+//! checkpoints that resume exactly (weights, optimizer moments, step and data position).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor, Var};
+use crossbeam_channel::Receiver;
+use serde::{Deserialize, Serialize};
+
+use crate::core::events::{EventSender, StepMetrics, TrainCommand, TrainEvent};
+use crate::core::mixing::{MixSettings, Prepared};
+use crate::core::packing::{PackPlan, PackSettings};
+use crate::train::batch::{LossNorm, batch_loss, make_batch};
+use crate::train::model::Decoder;
+use crate::train::optim::{AdamW, AdamWConfig, Decay, clip_grad_norm, lr_at};
+
+/// Training settings, the project's `[training]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainSettings {
+    /// Stop after this many optimizer steps (otherwise after the mixing epochs).
+    pub max_steps: Option<u64>,
+    /// Packed rows per micro-batch.
+    pub batch_rows: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup_steps: u64,
+    /// Decay after warm-up.
+    pub decay: Decay,
+    /// Final learning rate as a share of the peak.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub clip_grad_norm: f64,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Loss normalisation.
+    pub loss_norm: LossNorm,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            max_steps: None,
+            batch_rows: 4,
+            grad_accum: 1,
+            lr: 1e-3,
+            warmup_steps: 10,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.1,
+            clip_grad_norm: 1.0,
+            adamw: AdamWConfig::default(),
+            loss_norm: LossNorm::TokenMean,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// Where the run is: what resuming needs besides weights and moments.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epoch the next batch comes from.
+    pub epoch: u32,
+    /// Index of the next row in that epoch's plan.
+    pub row: usize,
+    /// Steps the whole run plans.
+    pub total_steps: u64,
+}
+
+/// Everything a run needs.
+pub struct TrainJob<'a> {
+    /// The model to train.
+    pub model: &'a Decoder,
+    /// Its weights by name (all trained).
+    pub weights: &'a [(String, Var)],
+    /// Tokenized tasks.
+    pub prepared: &'a Prepared,
+    /// Sampling settings.
+    pub mix: &'a MixSettings,
+    /// Packing settings.
+    pub pack: &'a PackSettings,
+    /// Training settings.
+    pub train: &'a TrainSettings,
+    /// Seed of sampling and packing.
+    pub seed: u64,
+    /// Where checkpoints go.
+    pub out_dir: &'a Path,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// All planned steps done.
+    Finished,
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Rows per epoch, for planning the total step count.
+fn rows_in_epoch(job: &TrainJob, epoch: u32) -> usize {
+    job.prepared
+        .pack_epoch(job.mix, job.pack, job.seed, epoch)
+        .rows
+        .len()
+}
+
+/// Steps the run plans: `max_steps`, or every epoch's rows.
+pub fn planned_steps(job: &TrainJob) -> u64 {
+    if let Some(s) = job.train.max_steps {
+        return s;
+    }
+    let per_step = (job.train.batch_rows * job.train.grad_accum).max(1);
+    (0..job.mix.epochs.max(1))
+        .map(|e| rows_in_epoch(job, e).div_ceil(per_step) as u64)
+        .sum()
+}
+
+/// Writes a checkpoint folder atomically (built beside, then renamed): `model.safetensors`,
+/// `optimizer.safetensors`, `trainer_state.json`.
+pub fn save_checkpoint(
+    dir: &Path,
+    weights: &[(String, Var)],
+    opt: &AdamW,
+    state: &TrainerState,
+) -> anyhow::Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".checkpoint-")
+        .tempdir_in(parent)?;
+    let w: HashMap<String, Tensor> = weights
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&w, tmp.path().join("model.safetensors"))?;
+    let o: HashMap<String, Tensor> = opt.state().into_iter().collect();
+    candle_core::safetensors::save(&o, tmp.path().join("optimizer.safetensors"))?;
+    std::fs::write(
+        tmp.path().join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?,
+    )?;
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        std::fs::File::open(tmp.path().join(f))?.sync_all()?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, dir).with_context(|| format!("writing {}", dir.display()))?;
+    Ok(())
+}
+
+/// Restores weights and optimizer from a checkpoint folder; returns where the run was.
+pub fn load_checkpoint(
+    dir: &Path,
+    weights: &[(String, Var)],
+    opt: &mut AdamW,
+) -> anyhow::Result<TrainerState> {
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state.json"))
+            .with_context(|| format!("reading {}", dir.display()))?,
+    )?;
+    let device = weights
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let w = candle_core::safetensors::load(dir.join("model.safetensors"), &device)?;
+    for (name, var) in weights {
+        let t = w
+            .get(name)
+            .with_context(|| format!("checkpoint lacks {name} ({})", dir.display()))?;
+        var.set(t)?;
+    }
+    let o = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
+    opt.load_state(&o, state.step)?;
+    Ok(state)
+}
+
+/// Runs training from `resume` (or the start) until the planned steps are done or `stop` is set.
+/// Reports through `events`; obeys `commands` at step boundaries. Returns how it ended and the
+/// final state.
+pub fn train(
+    job: &TrainJob,
+    opt: &mut AdamW,
+    resume: Option<TrainerState>,
+    events: &mut EventSender,
+    commands: &Receiver<TrainCommand>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<(Ending, TrainerState)> {
+    let total_steps = planned_steps(job);
+    let mut state = resume.unwrap_or(TrainerState {
+        step: 0,
+        epoch: 0,
+        row: 0,
+        total_steps,
+    });
+    let device = job.model.device().clone();
+    let vars: Vec<Var> = job.weights.iter().map(|(_, v)| v.clone()).collect();
+    let epochs = job.mix.epochs.max(1);
+    let mut plan: PackPlan = job
+        .prepared
+        .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+    let started = Instant::now();
+    let mut paused = false;
+    let per_step = job.train.batch_rows.max(1);
+    while state.step < total_steps {
+        // Commands are taken between steps; while paused the worker waits for the next one.
+        loop {
+            let cmd = if paused {
+                match commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        // Nobody can resume us any more.
+                        stop.store(true, Ordering::SeqCst);
+                        None
+                    }
+                }
+            } else {
+                commands.try_recv().ok()
+            };
+            match cmd {
+                Some(TrainCommand::Pause) => paused = true,
+                Some(TrainCommand::Resume) => paused = false,
+                Some(TrainCommand::Stop) => stop.store(true, Ordering::SeqCst),
+                Some(TrainCommand::SaveCheckpoint) => {
+                    let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
+                    save_checkpoint(&dir, job.weights, opt, &state)?;
+                    let _ = events.send(TrainEvent::Checkpoint {
+                        step: state.step,
+                        path: dir.display().to_string(),
+                    });
+                }
+                Some(TrainCommand::EvalNow) | None => {}
+            }
+            if stop.load(Ordering::SeqCst) || (!paused && cmd.is_none()) {
+                break;
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
+            save_checkpoint(&dir, job.weights, opt, &state)?;
+            let _ = events.send(TrainEvent::Checkpoint {
+                step: state.step,
+                path: dir.display().to_string(),
+            });
+            return Ok((Ending::Stopped, state));
+        }
+        let step_started = Instant::now();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0usize;
+        let mut grads_acc: Option<candle_core::backprop::GradStore> = None;
+        let accum = job.train.grad_accum.max(1);
+        for _ in 0..accum {
+            if state.row >= plan.rows.len() {
+                state.epoch = (state.epoch + 1) % epochs;
+                state.row = 0;
+                plan = job
+                    .prepared
+                    .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+            }
+            let end = (state.row + per_step).min(plan.rows.len());
+            let rows: Vec<_> = (state.row..end)
+                .map(|i| job.prepared.row(&plan, i, job.pack))
+                .collect();
+            state.row = end;
+            let batch = make_batch(&rows, job.train.loss_norm, &device)?;
+            tokens += batch.tokens;
+            let loss = (batch_loss(job.model, &batch)? / accum as f64)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            if !value.is_finite() {
+                anyhow::bail!(
+                    "the loss became {value} at step {}; the last good checkpoint is kept",
+                    state.step + 1
+                );
+            }
+            loss_sum += value;
+            let grads = loss.backward()?;
+            grads_acc = Some(match grads_acc.take() {
+                None => grads,
+                Some(mut acc) => {
+                    for v in &vars {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let Some(mut grads) = grads_acc else {
+            anyhow::bail!("no batch could be built");
+        };
+        let grad_norm = clip_grad_norm(&mut grads, &vars, job.train.clip_grad_norm)?;
+        let lr = lr_at(
+            state.step,
+            total_steps,
+            job.train.warmup_steps,
+            job.train.lr,
+            job.train.decay,
+            job.train.min_lr_ratio,
+        );
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        let secs = step_started.elapsed().as_secs_f64().max(1e-9);
+        events.step(StepMetrics {
+            step: state.step,
+            epoch: f64::from(state.epoch) + state.row as f64 / plan.rows.len().max(1) as f64,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens_per_sec: tokens as f64 / secs,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            steps: 1,
+        });
+        let every = job.train.checkpoint_every;
+        if every > 0 && state.step % every == 0 && state.step < total_steps {
+            let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
+            save_checkpoint(&dir, job.weights, opt, &state)?;
+            let _ = events.send(TrainEvent::Checkpoint {
+                step: state.step,
+                path: dir.display().to_string(),
+            });
+        }
+    }
+    let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
+    save_checkpoint(&dir, job.weights, opt, &state)?;
+    let _ = events.send(TrainEvent::Checkpoint {
+        step: state.step,
+        path: dir.display().to_string(),
+    });
+    Ok((Ending::Finished, state))
+}
+
+/// The path of the newest checkpoint in `out_dir`, if any.
+pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(out_dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, p)| p)
+}
