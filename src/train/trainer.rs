@@ -332,7 +332,7 @@ pub fn train(
             steps: 1,
         });
         let every = job.train.checkpoint_every;
-        if every > 0 && state.step % every == 0 && state.step < total_steps {
+        if every > 0 && state.step.is_multiple_of(every) && state.step < total_steps {
             let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
             save_checkpoint(&dir, job.weights, opt, &state)?;
             let _ = events.send(TrainEvent::Checkpoint {
