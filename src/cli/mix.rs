@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
 use crate::core::dataset::{TaskData, load_task};
-use crate::core::fsutil::write_atomic;
+use crate::core::fsutil::{set_readable, write_atomic};
 use crate::core::mixing::{PackingPreview, Prepared, row_text};
 use crate::core::packing::{PackMode, PackPlan, PackSettings, PackedRow, SegmentKind};
 use crate::core::project::Project;
@@ -326,17 +326,6 @@ impl RowSink {
             .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error))?;
         Ok(())
     }
-}
-
-/// Gives a finished temporary file the usual permissions (temporary files are private).
-fn set_readable(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
-    }
-    let _ = path;
-    Ok(())
 }
 
 /// The row as one openai-messages conversation: the default prompt (in `moi` rows), then each

@@ -4,6 +4,7 @@ mod import;
 mod mix;
 mod score;
 mod tasks;
+mod train;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Pack(mix::PackArgs),
     /// Print a model's token count, mean negative log-likelihood and perplexity on a text.
     Score(score::ScoreArgs),
+    /// Fine-tune a model on the project's mixture (a progress bar, or JSON events).
+    Train(train::TrainArgs),
 }
 
 /// One line per command, for messages that tell a user what else they can do.
@@ -56,6 +59,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Preview(args) => mix::run_preview(args),
         Command::Pack(args) => mix::run_pack(args),
         Command::Score(args) => score::run(args),
+        Command::Train(args) => train::run(args),
     }
 }
 

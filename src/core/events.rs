@@ -156,6 +156,8 @@ pub struct EventSender {
     tx: Sender<TrainEvent>,
     pending: Option<StepMetrics>,
     wake: Wake,
+    /// Where every event is also written, one JSON line each, before any merging.
+    log: Option<Box<dyn std::io::Write + Send>>,
 }
 
 /// A bounded event channel: the worker's sender and the listener's receiver.
@@ -166,14 +168,33 @@ pub fn event_channel(capacity: usize, wake: Wake) -> (EventSender, Receiver<Trai
             tx,
             pending: None,
             wake,
+            log: None,
         },
         rx,
     )
 }
 
 impl EventSender {
+    /// Also writes every event (every single step) as a JSON line to `log`.
+    pub fn record_to(&mut self, log: Box<dyn std::io::Write + Send>) {
+        self.log = Some(log);
+    }
+
+    fn record(&mut self, event: &TrainEvent) {
+        if let Some(log) = self.log.as_mut() {
+            // A failing log must not stop training; the channel still carries the event.
+            if serde_json::to_writer(&mut *log, event).is_ok() {
+                let _ = log.write_all(b"\n");
+                if event.is_terminal() || !matches!(event, TrainEvent::Step(_)) {
+                    let _ = log.flush();
+                }
+            }
+        }
+    }
+
     /// Reports a step without blocking; nothing is dropped.
     pub fn step(&mut self, metrics: StepMetrics) {
+        self.record(&TrainEvent::Step(metrics));
         let merged = match self.pending.take() {
             Some(mut p) => {
                 p.absorb(&metrics);
@@ -191,6 +212,7 @@ impl EventSender {
     /// Sends a lifecycle event (after any pending steps), waiting for room. Fails only when the
     /// listener is gone.
     pub fn send(&mut self, event: TrainEvent) -> Result<(), SendError<TrainEvent>> {
+        self.record(&event);
         if let Some(p) = self.pending.take() {
             self.tx.send(TrainEvent::Step(p))?;
         }

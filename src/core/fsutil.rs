@@ -34,6 +34,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Gives a file the usual permissions (0644): temporary files that became real ones are private.
+pub fn set_readable(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let _ = path;
+    Ok(())
+}
+
 /// `path` written relative to the folder `base` when both are absolute and share a root;
 /// otherwise `path` unchanged.
 pub fn relative_to(path: &Path, base: &Path) -> PathBuf {

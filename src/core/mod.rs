@@ -16,3 +16,4 @@ pub mod sampling;
 pub mod split;
 pub mod template;
 pub mod tokenize;
+pub mod train_settings;

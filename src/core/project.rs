@@ -10,6 +10,7 @@ use crate::core::import::{ColumnMapping, Format, ImportOptions};
 use crate::core::mixing::MixSettings;
 use crate::core::packing::PackSettings;
 use crate::core::record::SystemRule;
+use crate::core::train_settings::TrainSettings;
 
 /// The project-file layout this build writes.
 pub const PROJECT_FORMAT_VERSION: u32 = 1;
@@ -120,6 +121,9 @@ pub struct Project {
     /// Packing settings.
     #[serde(default)]
     pub packing: PackSettings,
+    /// Training settings.
+    #[serde(default)]
+    pub training: TrainSettings,
     /// The tasks, in display order.
     #[serde(default)]
     pub tasks: Vec<Task>,
@@ -141,6 +145,7 @@ impl Default for Project {
             seed: default_seed(),
             mixing: MixSettings::default(),
             packing: PackSettings::default(),
+            training: TrainSettings::default(),
             tasks: Vec::new(),
             other: toml::Table::new(),
             base_dir: PathBuf::from("."),

@@ -3,21 +3,10 @@
 //! counts as it would unpacked).
 
 use candle_core::{D, Device, Result, Tensor};
-use serde::{Deserialize, Serialize};
 
 use crate::core::packing::{PackedRow, SegmentKind};
+pub use crate::core::train_settings::LossNorm;
 use crate::train::model::{Decoder, PAD_SEGMENT, attention_mask};
-
-/// How the loss averages over trained tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossNorm {
-    /// Mean over every trained token of the batch.
-    #[default]
-    TokenMean,
-    /// Mean per sample, then mean over samples.
-    SampleMean,
-}
 
 /// Tensors for one step.
 #[derive(Debug, Clone)]

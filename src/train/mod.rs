@@ -11,3 +11,4 @@ pub mod optim;
 pub mod score;
 pub mod tiny;
 pub mod trainer;
+pub mod worker;

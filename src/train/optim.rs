@@ -4,32 +4,8 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
-/// Optimizer settings.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AdamWConfig {
-    /// First-moment decay.
-    pub beta1: f64,
-    /// Second-moment decay.
-    pub beta2: f64,
-    /// Denominator epsilon.
-    pub eps: f64,
-    /// Decoupled weight decay (not applied to norms and biases).
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
-    }
-}
+pub use crate::core::train_settings::{AdamWConfig, Decay};
 
 /// AdamW over named parameters.
 pub struct AdamW {
@@ -147,19 +123,6 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
         }
     }
     Ok(norm)
-}
-
-/// How the learning rate decays after warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Decay {
-    /// Half a cosine down to the floor.
-    #[default]
-    Cosine,
-    /// A straight line down to the floor.
-    Linear,
-    /// No decay.
-    Constant,
 }
 
 /// The learning rate at `step` (from 0) of `total`: linear warm-up over `warmup` steps to `peak`,

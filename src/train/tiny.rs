@@ -57,6 +57,7 @@ pub fn create_tiny_model(
     let tmp = dir.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::File::open(&tmp)?.sync_all()?;
+    crate::core::fsutil::set_readable(&tmp)?;
     std::fs::rename(&tmp, &target)?;
     let tok_json = tokenizer
         .to_string(true)

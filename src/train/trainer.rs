@@ -15,55 +15,10 @@ use serde::{Deserialize, Serialize};
 use crate::core::events::{EventSender, StepMetrics, TrainCommand, TrainEvent};
 use crate::core::mixing::{MixSettings, Prepared};
 use crate::core::packing::{PackPlan, PackSettings};
-use crate::train::batch::{LossNorm, batch_loss, make_batch};
+pub use crate::core::train_settings::TrainSettings;
+use crate::train::batch::{batch_loss, make_batch};
 use crate::train::model::Decoder;
-use crate::train::optim::{AdamW, AdamWConfig, Decay, clip_grad_norm, lr_at};
-
-/// Training settings, the project's `[training]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TrainSettings {
-    /// Stop after this many optimizer steps (otherwise after the mixing epochs).
-    pub max_steps: Option<u64>,
-    /// Packed rows per micro-batch.
-    pub batch_rows: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warm-up steps.
-    pub warmup_steps: u64,
-    /// Decay after warm-up.
-    pub decay: Decay,
-    /// Final learning rate as a share of the peak.
-    pub min_lr_ratio: f64,
-    /// Global gradient-norm clip (0 = off).
-    pub clip_grad_norm: f64,
-    /// AdamW settings.
-    pub adamw: AdamWConfig,
-    /// Loss normalisation.
-    pub loss_norm: LossNorm,
-    /// Write a checkpoint every this many steps (0 = only at the end).
-    pub checkpoint_every: u64,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self {
-            max_steps: None,
-            batch_rows: 4,
-            grad_accum: 1,
-            lr: 1e-3,
-            warmup_steps: 10,
-            decay: Decay::Cosine,
-            min_lr_ratio: 0.1,
-            clip_grad_norm: 1.0,
-            adamw: AdamWConfig::default(),
-            loss_norm: LossNorm::TokenMean,
-            checkpoint_every: 0,
-        }
-    }
-}
+use crate::train::optim::{AdamW, clip_grad_norm, lr_at};
 
 /// Where the run is: what resuming needs besides weights and moments.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
