@@ -37,9 +37,11 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// The demo's packing settings with 2048-token rows (the demo itself uses 512 for the tiny model).
 fn settings(mode: PackMode) -> PackSettings {
     PackSettings {
         mode,
+        max_seq_len: 2048,
         ..fixture().project.packing.clone()
     }
 }
@@ -158,7 +160,8 @@ fn preview_json_and_pack_parquet_read_back() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["mixture"].as_array().unwrap().len(), 3);
     let rows = v["packing"]["rows"].as_u64().unwrap();
-    assert!(v["packing"]["fill"].as_f64().unwrap() > 0.9);
+    // The demo packs into 512-token rows for the tiny model; its long samples leave some room.
+    assert!(v["packing"]["fill"].as_f64().unwrap() > 0.8);
     let text = v["sample_rows"][0]["text"].as_str().unwrap();
     assert!(
         text.starts_with("⟦default prompt⟧<|im_start|>system\nYou are a helpful assistant."),
@@ -211,7 +214,7 @@ fn preview_json_and_pack_parquet_read_back() {
             let a = ids.value(r);
             let b = labels.value(r);
             assert_eq!(a.len(), b.len());
-            assert!(a.len() <= 2048);
+            assert!(a.len() <= 512);
         }
         n += batch.num_rows();
     }
