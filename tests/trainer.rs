@@ -11,7 +11,7 @@ use moi_studio::core::mixing::Prepared;
 use moi_studio::core::packing::{PackMode, PackSettings};
 use moi_studio::core::project::Project;
 use moi_studio::train::config::ModelConfig;
-use moi_studio::train::model::{Decoder, new_trainable};
+use moi_studio::train::model::{Decoder, named_vars, new_trainable};
 use moi_studio::train::optim::AdamW;
 use moi_studio::train::trainer::{
     Ending, TrainJob, TrainSettings, latest_checkpoint, load_checkpoint, train,
@@ -47,14 +47,7 @@ fn model(seed: u64) -> (Decoder, Vec<(String, Var)>) {
         ..ModelConfig::tiny(demo().vocab)
     };
     let (m, weights) = new_trainable(&config, seed, &Device::Cpu).unwrap();
-    let mut params: Vec<_> = weights
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let params = named_vars(&weights);
     (m, params)
 }
 

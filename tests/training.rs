@@ -10,7 +10,7 @@ use moi_studio::core::packing::{PackMode, PackSettings};
 use moi_studio::core::project::Project;
 use moi_studio::train::batch::{LossNorm, batch_loss, make_batch};
 use moi_studio::train::config::ModelConfig;
-use moi_studio::train::model::new_trainable;
+use moi_studio::train::model::{named_vars, new_trainable};
 use moi_studio::train::optim::{AdamW, AdamWConfig, Decay, clip_grad_norm, lr_at};
 
 #[test]
@@ -38,14 +38,7 @@ fn loss_falls_over_50_steps_on_the_demo_data() {
         ..ModelConfig::tiny(tokenizer.get_vocab_size(true))
     };
     let (model, weights) = new_trainable(&config, 42, &Device::Cpu).unwrap();
-    let mut params: Vec<_> = weights
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let params = named_vars(&weights);
     let vars: Vec<_> = params.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();
 

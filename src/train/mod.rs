@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod device;
+pub mod export;
 pub mod gguf;
 pub mod load;
 pub mod model;

@@ -494,6 +494,21 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Var
     Ok(varmap)
 }
 
+/// The variables of a weight map, sorted by name (a stable order for optimizers and checkpoints).
+pub fn named_vars(weights: &VarMap) -> Vec<(String, Var)> {
+    let mut vars: Vec<(String, Var)> = match weights.data().lock() {
+        Ok(data) => data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        // A poisoned lock means another thread panicked mid-update; its data is still whole.
+        Err(poisoned) => poisoned
+            .into_inner()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// A decoder over freshly initialised, trainable weights.
 pub fn new_trainable(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<(Decoder, VarMap)> {
     let varmap = init_weights(cfg, seed, device)?;

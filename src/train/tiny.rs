@@ -2,22 +2,18 @@
 //! on the project's own text and a small Llama-style decoder (`presets/tiny_model.json`) with
 //! seeded random weights, written as a Hugging Face model folder.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::core::bpe::{SPECIAL_TOKENS, train_bpe};
-use crate::core::fsutil::write_atomic;
 use crate::train::config::ModelConfig;
-use crate::train::model::init_weights;
+use crate::train::export::{CHATML_JINJA, save_model_folder};
+use crate::train::model::{init_weights, named_vars};
 
 const TINY_PRESET: &str = include_str!("../../presets/tiny_model.json");
-
-/// ChatML as a Jinja template, written into the tiny model's `tokenizer_config.json`.
-const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// The tiny model's configuration for a tokenizer of `vocab_size` tokens.
 pub fn tiny_config(vocab_size: usize) -> anyhow::Result<ModelConfig> {
@@ -40,41 +36,13 @@ pub fn create_tiny_model(
     let tokenizer = train_bpe(texts, vocab_size).map_err(anyhow::Error::msg)?;
     let config = tiny_config(tokenizer.get_vocab_size(true))?;
     let weights = init_weights(&config, seed, &Device::Cpu)?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    let tensors: HashMap<String, Tensor> = weights
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("weight map lock poisoned"))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    // Written beside the target and renamed over it once flushed to disk.
-    let target = dir.join("model.safetensors");
-    let tmp = dir.join(".model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    crate::core::fsutil::set_readable(&tmp)?;
-    std::fs::rename(&tmp, &target)?;
-    let tok_json = tokenizer
-        .to_string(true)
-        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
-    write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
-    let tok_config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": null,
-        "eos_token": SPECIAL_TOKENS[2],
-        "pad_token": SPECIAL_TOKENS[0],
-        "add_bos_token": false,
-        "chat_template": CHATML_JINJA,
-        "model_max_length": config.max_position_embeddings,
-    });
-    write_atomic(
-        &dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tok_config)?.as_bytes(),
+    save_model_folder(
+        dir,
+        &config,
+        &named_vars(&weights),
+        &tokenizer,
+        CHATML_JINJA,
+        SPECIAL_TOKENS[2],
     )?;
     Ok((config, tokenizer))
 }

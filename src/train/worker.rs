@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use candle_core::{DType, Var};
+use candle_core::DType;
 use candle_nn::VarBuilder;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use serde_json::json;
-use tokenizers::Tokenizer;
 
 use crate::core::dataset::load_project;
 use crate::core::events::{EventSender, TrainCommand, TrainEvent, Wake, event_channel};
@@ -23,9 +22,9 @@ use crate::core::mixing::{BUILTIN_VOCAB, Prepared, load_template, load_tokenizer
 use crate::core::packing::PackMode;
 use crate::core::project::Project;
 use crate::core::template::ChatTemplate;
-use crate::train::config::ModelConfig;
 use crate::train::device::choose_device;
-use crate::train::model::{Decoder, init_weights};
+use crate::train::export::{CHATML_JINJA, save_model_folder};
+use crate::train::model::{Decoder, init_weights, named_vars};
 use crate::train::optim::AdamW;
 use crate::train::score::load_bundle;
 use crate::train::tiny::tiny_config;
@@ -129,57 +128,6 @@ fn log(events: &mut EventSender, message: impl Into<String>) {
     });
 }
 
-/// Writes an HF model folder: config, weights, tokenizer and its config with the chat template.
-pub fn save_model_folder(
-    dir: &Path,
-    config: &ModelConfig,
-    weights: &[(String, Var)],
-    tokenizer: &Tokenizer,
-    chat_template: &str,
-    eos: &str,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut hf = serde_json::to_value(config)?;
-    hf["architectures"] = json!([match config.model_type.as_str() {
-        "qwen2" => "Qwen2ForCausalLM",
-        "mistral" => "MistralForCausalLM",
-        _ => "LlamaForCausalLM",
-    }]);
-    hf["torch_dtype"] = json!("float32");
-    hf["hidden_act"] = json!("silu");
-    write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&hf)?.as_bytes(),
-    )?;
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> = weights
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    let tmp = dir.join(".model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    crate::core::fsutil::set_readable(&tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
-    let tok = tokenizer
-        .to_string(true)
-        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
-    write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
-    let tok_config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eos,
-        "chat_template": chat_template,
-        "model_max_length": config.max_position_embeddings,
-    });
-    write_atomic(
-        &dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tok_config)?.as_bytes(),
-    )?;
-    Ok(())
-}
-
-/// ChatML as Jinja, for models that carry no template of their own.
-const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
 fn run_worker(
     spec: &RunSpec,
     run_dir: &Path,
@@ -220,14 +168,7 @@ fn run_worker(
                 &config,
                 VarBuilder::from_varmap(&varmap, DType::F32, &device.device),
             )?;
-            let mut weights: Vec<(String, Var)> = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("weight map lock poisoned"))?
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            weights.sort_by(|a, b| a.0.cmp(&b.0));
+            let weights = named_vars(&varmap);
             (
                 model,
                 config,
@@ -240,16 +181,7 @@ fn run_worker(
         ModelChoice::Path(path) => {
             log(events, format!("loading {}", path.display()));
             let bundle = load_bundle(path, &device.device)?;
-            let mut weights: Vec<(String, Var)> = bundle
-                .loaded
-                .weights
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("weight map lock poisoned"))?
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            weights.sort_by(|a, b| a.0.cmp(&b.0));
+            let weights = named_vars(&bundle.loaded.weights);
             let template = bundle
                 .chat_template
                 .clone()
