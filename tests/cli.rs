@@ -194,3 +194,196 @@ fn no_display_names_the_cli_commands() {
         "{stderr}"
     );
 }
+
+/// The demo project, made quick: short rows, few eval items, short answers.
+fn quick_demo(dir: &std::path::Path) -> PathBuf {
+    let mut project =
+        moi_studio::core::project::Project::load(&root().join("presets/demo.moi.toml")).unwrap();
+    project.packing.max_seq_len = 128;
+    project.training.batch_rows = 1;
+    project.training.eval_items = 3;
+    project.training.eval_generate = 1;
+    for task in &mut project.tasks {
+        task.max_new_tokens = 4;
+    }
+    let path = dir.join("quick.moi.toml");
+    project.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn train_eval_export_and_resume_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = quick_demo(dir.path());
+    let runs = dir.path().join("runs");
+    let out = studio()
+        .args([
+            "train",
+            project.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--lora",
+            "--json",
+            "--cpu",
+        ])
+        .args(["--out", runs.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.last().unwrap()["event"], "finished");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "eval" && e["prompt"] == "default")
+    );
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+
+    // eval: the per-task table, as JSON and as text.
+    let out = studio()
+        .args([
+            "eval",
+            project.to_str().unwrap(),
+            "--run",
+            run.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = json_of(&out.stdout);
+    let results = table["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6, "3 tasks × 2 prompt kinds");
+    assert!(
+        results
+            .iter()
+            .all(|r| r["loss"].as_f64().unwrap() > 0.0 && r["step"] == 2)
+    );
+    let text = studio()
+        .args([
+            "eval",
+            project.to_str().unwrap(),
+            "--run",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("tool use") && text.contains("default") && text.contains("exact match"),
+        "{text}"
+    );
+
+    // export: the HF folder and the PEFT adapter.
+    let export = dir.path().join("export");
+    let out = studio()
+        .args([
+            "export",
+            "--run",
+            run.to_str().unwrap(),
+            "--out",
+            export.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(export.join(f).is_file(), "{f} missing");
+    }
+    let tok_config: Value = serde_json::from_str(
+        &std::fs::read_to_string(export.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        tok_config["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
+    // The exported folder is a model `score` (and transformers) can load.
+    let text_file = dir.path().join("t.txt");
+    std::fs::write(&text_file, "What is 2 + 3? #### 5").unwrap();
+    let out = studio()
+        .args(["score", "--model", export.to_str().unwrap(), "--text-file"])
+        .arg(&text_file)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(json_of(&out.stdout)["ppl"].as_f64().unwrap() > 1.0);
+
+    // resume: two more steps in the same folder.
+    let out = studio()
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["event"], "finished");
+    assert_eq!(last["step"], 4);
+
+    // A folder that is not a run gets a message, not a panic.
+    let out = studio()
+        .args([
+            "export",
+            "--run",
+            dir.path().to_str().unwrap(),
+            "--out",
+            export.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no finished model"));
+}

@@ -6,11 +6,15 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, Var};
 use moi_studio::core::dataset::load_project;
+use moi_studio::core::events::PromptKind;
 use moi_studio::core::events::{TrainEvent, event_channel};
 use moi_studio::core::mixing::Prepared;
 use moi_studio::core::packing::{PackMode, PackSettings};
 use moi_studio::core::project::Project;
+use moi_studio::core::template::ChatTemplate;
+use moi_studio::core::train_settings::LoraSettings;
 use moi_studio::train::config::ModelConfig;
+use moi_studio::train::eval::EvalSet;
 use moi_studio::train::model::{Decoder, named_vars, new_trainable};
 use moi_studio::train::optim::AdamW;
 use moi_studio::train::trainer::{
@@ -21,6 +25,8 @@ struct Demo {
     project: Project,
     prepared: Prepared,
     vocab: usize,
+    tokenizer: tokenizers::Tokenizer,
+    data: Vec<moi_studio::core::dataset::TaskData>,
 }
 
 fn demo() -> &'static Demo {
@@ -34,6 +40,8 @@ fn demo() -> &'static Demo {
             project,
             prepared,
             vocab: tokenizer.get_vocab_size(true),
+            tokenizer,
+            data,
         }
     })
 }
@@ -68,6 +76,23 @@ fn run(
     resume_from: Option<&std::path::Path>,
     stop_after: Option<u64>,
 ) -> (Vec<(u64, f64)>, Ending, u64) {
+    let (losses, _, ending, step) =
+        run_with(m, params, settings, out, resume_from, stop_after, None).expect("training runs");
+    (losses, ending, step)
+}
+
+type Outcome = (Vec<(u64, f64)>, Vec<TrainEvent>, Ending, u64);
+
+/// As `run`, with an optional eval set; returns the other events too, or the error.
+fn run_with(
+    m: &Decoder,
+    params: &[(String, Var)],
+    settings: &TrainSettings,
+    out: &std::path::Path,
+    resume_from: Option<&std::path::Path>,
+    stop_after: Option<u64>,
+    eval: Option<&EvalSet>,
+) -> anyhow::Result<Outcome> {
     let d = demo();
     let pack = pack();
     let job = TrainJob {
@@ -79,6 +104,7 @@ fn run(
         train: settings,
         seed: d.project.seed,
         out_dir: out,
+        eval,
     };
     let mut opt = AdamW::new(params.to_vec(), settings.adamw).unwrap();
     let resume = resume_from.map(|dir| load_checkpoint(dir, params, &mut opt).unwrap());
@@ -88,20 +114,42 @@ fn run(
     let listener_stop = stop.clone();
     let listener = std::thread::spawn(move || {
         let mut losses = Vec::new();
+        let mut others = Vec::new();
         while let Ok(e) = rx.recv() {
-            if let TrainEvent::Step(m) = e {
+            if let TrainEvent::Step(m) = &e {
                 assert_eq!(m.steps, 1, "nothing merged with a roomy channel");
                 losses.push((m.step, m.loss));
                 if stop_after == Some(m.step) {
                     listener_stop.store(true, Ordering::SeqCst);
                 }
+            } else {
+                others.push(e);
             }
         }
-        losses
+        (losses, others)
     });
-    let (ending, state) = train(&job, &mut opt, resume, &mut events, &cmd_rx, &stop).unwrap();
+    let result = train(&job, &mut opt, resume, &mut events, &cmd_rx, &stop);
     drop(events);
-    (listener.join().unwrap(), ending, state.step)
+    let (losses, others) = listener.join().unwrap();
+    let (ending, state) = result?;
+    Ok((losses, others, ending, state.step))
+}
+
+fn eval_set(max_len: usize) -> EvalSet {
+    let d = demo();
+    let mut project = d.project.clone();
+    for task in &mut project.tasks {
+        task.max_new_tokens = 4;
+    }
+    EvalSet::build(
+        &project,
+        &d.data,
+        &d.tokenizer,
+        &ChatTemplate::chatml(),
+        3,
+        1,
+        max_len,
+    )
 }
 
 fn settings() -> TrainSettings {
@@ -161,4 +209,176 @@ fn stop_ends_the_run_with_a_checkpoint() {
     assert!((3..200).contains(&steps), "stopped at {steps}");
     assert_eq!(losses.len() as u64, steps);
     assert!(dir.path().join(format!("checkpoint-{steps}")).is_dir());
+}
+
+#[test]
+fn evaluation_reports_every_task_and_early_stopping_ends_a_stalled_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, params) = model(3);
+    let set = eval_set(128);
+    assert_eq!(set.tasks.len(), 3);
+    // With a zero learning rate the eval loss never improves: patience 1 stops at the second
+    // evaluation (step 4).
+    let settings = TrainSettings {
+        max_steps: Some(50),
+        lr: 0.0,
+        eval_every_steps: 2,
+        early_stopping_patience: 1,
+        ..settings()
+    };
+    let (losses, events, ending, step) =
+        run_with(&m, &params, &settings, dir.path(), None, None, Some(&set)).unwrap();
+    assert_eq!((ending, step), (Ending::EarlyStopped, 4));
+    assert_eq!(losses.len(), 4);
+    let evals: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    // Two evaluations × three tasks × two prompt kinds.
+    assert_eq!(evals.len(), 12);
+    for at in [2, 4] {
+        for kind in [PromptKind::Task, PromptKind::Default] {
+            assert_eq!(
+                evals
+                    .iter()
+                    .filter(|e| e.step == at && e.prompt == kind)
+                    .count(),
+                3
+            );
+        }
+    }
+    for e in &evals {
+        assert!((e.perplexity - e.loss.exp()).abs() < 1e-9 * e.perplexity);
+        assert!(e.tokens > 0 && e.items > 0);
+        assert_eq!(e.exact_match.is_some(), e.task != "code");
+    }
+    assert!(
+        events.iter().any(
+            |e| matches!(e, TrainEvent::Log { message } if message.contains("early stopping"))
+        )
+    );
+    assert!(dir.path().join("checkpoint-4").is_dir());
+}
+
+#[test]
+fn a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, params) = model(4);
+    // An absurd learning rate blows the weights up after the first step.
+    let settings = TrainSettings {
+        max_steps: Some(20),
+        lr: 1e30,
+        warmup_steps: 0,
+        clip_grad_norm: 0.0,
+        checkpoint_every: 1,
+        ..settings()
+    };
+    let err = run_with(&m, &params, &settings, dir.path(), None, None, None)
+        .expect_err("the run must fail");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("last good checkpoint is kept"),
+        "{message}"
+    );
+    let good = latest_checkpoint(dir.path()).expect("a checkpoint from before the failure");
+    let weights =
+        candle_core::safetensors::load(good.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in weights {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name} is not finite in {}",
+            good.display()
+        );
+    }
+}
+
+#[test]
+fn lora_trains_only_the_adapters_and_merges_back() {
+    use candle_core::{DType, Tensor};
+    use candle_nn::VarBuilder;
+    use moi_studio::train::model::{init_lora, init_weights, merge_lora};
+
+    let config = ModelConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 1,
+        max_position_embeddings: 128,
+        ..ModelConfig::tiny(demo().vocab)
+    };
+    let dev = Device::Cpu;
+    let base: Vec<(String, Tensor)> = named_vars(&init_weights(&config, 5, &dev).unwrap())
+        .into_iter()
+        .map(|(k, v)| (k, v.as_detached_tensor()))
+        .collect();
+    let before: Vec<Vec<f32>> = base
+        .iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let lora = LoraSettings {
+        enabled: true,
+        dropout: 0.0,
+        ..LoraSettings::default()
+    };
+    let adapters = init_lora(&config, &lora, 5, &dev).unwrap();
+    let model = Decoder::with_lora(
+        &config,
+        VarBuilder::from_tensors(base.iter().cloned().collect(), DType::F32, &dev),
+        &lora,
+        VarBuilder::from_varmap(&adapters, DType::F32, &dev),
+    )
+    .unwrap();
+    let trainable = named_vars(&adapters);
+    // q, k, v and o of one layer, A and B each.
+    assert_eq!(trainable.len(), 8);
+    let settings = TrainSettings {
+        max_steps: Some(15),
+        lr: 1e-2,
+        checkpoint_every: 0,
+        ..settings()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (losses, ending, _) = run(&model, &trainable, &settings, dir.path(), None, None);
+    assert_eq!(ending, Ending::Finished);
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
+    assert!(mean(&losses[10..]) < mean(&losses[..5]), "{losses:?}");
+    // The base did not move; every B did (it starts at zero).
+    for ((name, t), old) in base.iter().zip(&before) {
+        let now: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&now, old, "{name} changed");
+    }
+    for (name, v) in &trainable {
+        if name.ends_with("lora_B.weight") {
+            let b: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(b.iter().any(|x| *x != 0.0), "{name} never trained");
+        }
+    }
+    // Folding the adapters into the base gives the same model.
+    let trained: Vec<(String, Tensor)> = trainable
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let merged = merge_lora(&base, &trained, &lora).unwrap();
+    let plain = Decoder::new(
+        &config,
+        VarBuilder::from_tensors(merged.into_iter().collect(), DType::F32, &dev),
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[3u32, 17, 42, 8, 99, 5]], &dev).unwrap();
+    let pos = Tensor::new(&[[0u32, 1, 2, 3, 4, 5]], &dev).unwrap();
+    let mask = moi_studio::train::model::attention_mask(&[vec![1; 6]], 6, &dev).unwrap();
+    let a = model.forward(&ids, &pos, &mask).unwrap();
+    let b = plain.forward(&ids, &pos, &mask).unwrap();
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-4, "merged model differs by {diff}");
 }

@@ -4,23 +4,25 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moi_studio::core::events::{TrainCommand, TrainEvent};
+use moi_studio::core::events::{PromptKind, TrainCommand, TrainEvent};
 use moi_studio::core::project::Project;
-use moi_studio::train::worker::{ModelChoice, RunSpec, spawn_run};
+use moi_studio::train::worker::{ModelChoice, RunSpec, resume_spec, spawn_run};
 
 fn spec(runs: &std::path::Path, steps: u64) -> RunSpec {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml");
     let mut project = Project::load(&path).unwrap();
     project.packing.max_seq_len = 128;
     project.training.batch_rows = 1;
-    RunSpec {
-        project,
-        model: ModelChoice::Tiny,
-        mode: None,
-        max_steps: Some(steps),
-        runs_dir: runs.to_path_buf(),
-        force_cpu: true,
+    project.training.eval_items = 4;
+    project.training.eval_generate = 1;
+    for task in &mut project.tasks {
+        task.max_new_tokens = 8;
     }
+    let mut spec = RunSpec::new(project, ModelChoice::Tiny);
+    spec.max_steps = Some(steps);
+    spec.runs_dir = runs.to_path_buf();
+    spec.force_cpu = true;
+    spec
 }
 
 fn collect(
@@ -93,9 +95,31 @@ fn a_run_reports_in_order_and_leaves_a_complete_folder() {
         .filter(|e| matches!(e, TrainEvent::Step(_)))
         .count();
     assert_eq!(logged_steps, 4);
+    // The final evaluation: every task under its own prompt and the default one.
+    let evals: Vec<_> = logged
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    for task in ["math", "code", "tool use"] {
+        for kind in [PromptKind::Task, PromptKind::Default] {
+            let m = evals
+                .iter()
+                .find(|m| m.task == task && m.prompt == kind)
+                .unwrap_or_else(|| panic!("no eval of {task} under the {kind:?} prompt"));
+            assert_eq!(m.step, 4);
+            assert!(m.loss.is_finite() && m.loss > 0.0);
+            assert!((0.0..=1.0).contains(&m.accuracy));
+            // Math and tool use declare answer checks in the demo; code does not.
+            assert_eq!(m.exact_match.is_some(), task != "code", "{task}");
+        }
+    }
     assert!(logged.last().unwrap().is_terminal());
     for f in [
         "project.moi.toml",
+        "run.json",
         "summary.json",
         "model/config.json",
         "model/model.safetensors",
@@ -121,4 +145,96 @@ fn stop_command_stops_the_run() {
             .iter()
             .any(|e| matches!(e, TrainEvent::Checkpoint { .. }))
     );
+}
+
+#[test]
+fn a_lora_run_answers_eval_now_writes_an_adapter_and_resumes() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut first = spec(runs.path(), 3);
+    first.lora = Some(true);
+    let handle = spawn_run(first, Arc::new(|| {})).unwrap();
+    let run_dir = handle.run_dir.clone();
+    let mut events = Vec::new();
+    let mut asked = false;
+    while let Ok(e) = handle.events.recv() {
+        if matches!(e, TrainEvent::Step(_)) && !asked {
+            handle.commands.send(TrainCommand::EvalNow).unwrap();
+            asked = true;
+        }
+        let end = e.is_terminal();
+        events.push(e);
+        if end {
+            break;
+        }
+    }
+    handle.join();
+    assert_eq!(events.last(), Some(&TrainEvent::Finished { step: 3 }));
+    match events
+        .iter()
+        .find(|e| matches!(e, TrainEvent::Started { .. }))
+    {
+        Some(TrainEvent::Started {
+            parameters,
+            trainable,
+            ..
+        }) => assert!(*trainable > 0 && trainable * 20 < *parameters),
+        other => panic!("{other:?}"),
+    }
+    // Eval now ran between steps, before the end-of-run evaluation at step 3.
+    let eval_steps: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval(m) => Some(m.step),
+            _ => None,
+        })
+        .collect();
+    assert!(eval_steps.iter().any(|&s| s < 3), "{eval_steps:?}");
+    assert!(eval_steps.contains(&3), "{eval_steps:?}");
+
+    // The PEFT adapter: config and PEFT-named tensors; the base it applies to is on disk.
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    let base = PathBuf::from(config["base_model_name_or_path"].as_str().unwrap());
+    assert!(base.join("model.safetensors").is_file());
+    let names: Vec<String> = candle_core::safetensors::load(
+        run_dir.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_keys()
+    .collect();
+    assert!(
+        names.contains(
+            &"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
+        )
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("base_model.model.model.layers."))
+    );
+
+    // Resuming the run carries on from its checkpoint to the new step count.
+    let mut again = resume_spec(&run_dir).unwrap();
+    again.max_steps = Some(5);
+    let handle = spawn_run(again, Arc::new(|| {})).unwrap();
+    assert_eq!(handle.run_dir, run_dir);
+    let events = collect(&handle, None);
+    handle.join();
+    assert_eq!(events.last(), Some(&TrainEvent::Finished { step: 5 }));
+    let first_step = events.iter().find_map(|e| match e {
+        TrainEvent::Step(m) => Some(m.step),
+        _ => None,
+    });
+    assert_eq!(first_step, Some(4));
+    let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let steps = log
+        .lines()
+        .filter(|l| l.contains("\"event\":\"step\""))
+        .count();
+    assert_eq!(steps, 5, "one metrics file across both parts");
 }

@@ -1,5 +1,7 @@
 //! The command line: the same core functions the studio calls, for scripts and terminals.
 
+mod eval;
+mod export;
 mod import;
 mod mix;
 mod score;
@@ -37,6 +39,10 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Fine-tune a model on the project's mixture (a progress bar, or JSON events).
     Train(train::TrainArgs),
+    /// Score a trained run on every task's held-out records, under its own and the default prompt.
+    Eval(eval::EvalArgs),
+    /// Write a run's model as a Hugging Face folder (and a PEFT adapter for LoRA runs).
+    Export(export::ExportArgs),
 }
 
 /// One line per command, for messages that tell a user what else they can do.
@@ -60,6 +66,8 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Pack(args) => mix::run_pack(args),
         Command::Score(args) => score::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 

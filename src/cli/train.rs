@@ -9,19 +9,26 @@ use clap::Args;
 use crate::core::events::TrainEvent;
 use crate::core::packing::PackMode;
 use crate::core::project::Project;
-use crate::train::worker::{ModelChoice, RunSpec, spawn_run};
+use crate::train::worker::{ModelChoice, RunSpec, resume_spec, spawn_run};
 
 /// Arguments of `train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// The project file.
-    pub project: PathBuf,
+    /// The project file (not needed with --resume).
+    #[arg(required_unless_present = "resume")]
+    pub project: Option<PathBuf>,
+    /// Continue a run folder from its newest checkpoint (its own project and model).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["mode", "model", "lora"])]
+    pub resume: Option<PathBuf>,
+    /// Train LoRA adapters (rank, alpha, targets from the project's [training.lora]).
+    #[arg(long)]
+    pub lora: bool,
     /// Packing mode (default: the project's).
     #[arg(long)]
     pub mode: Option<PackMode>,
     /// "tiny" for the built-in model, or a Hugging Face folder or .gguf file.
-    #[arg(long, default_value = "tiny")]
-    pub model: String,
+    #[arg(long)]
+    pub model: Option<String>,
     /// Optimizer steps (default: the project's epochs).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -36,29 +43,43 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
+/// A line above the bar, or on stderr when the bar is hidden (not a terminal).
+fn say(bar: &indicatif::ProgressBar, line: impl AsRef<str>) {
+    if bar.is_hidden() {
+        eprintln!("{}", line.as_ref());
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Runs `train`: exit 0 when the run finishes or is stopped, 1 when it fails.
 pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
-    let project = Project::load(&args.project)?;
-    let runs_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| project.base_dir.join("runs"));
-    let model = if args.model == "tiny" {
-        ModelChoice::Tiny
-    } else {
-        ModelChoice::Path(PathBuf::from(&args.model))
+    let spec = match (&args.resume, &args.project) {
+        (Some(run), _) => {
+            let mut spec = resume_spec(run)?;
+            spec.max_steps = args.steps;
+            spec.force_cpu |= args.cpu;
+            spec
+        }
+        (None, Some(path)) => {
+            let project = Project::load(path)?;
+            let model = match args.model.as_deref() {
+                None | Some("tiny") => ModelChoice::Tiny,
+                Some(p) => ModelChoice::Path(PathBuf::from(p)),
+            };
+            let mut spec = RunSpec::new(project, model);
+            if let Some(out) = &args.out {
+                spec.runs_dir = out.clone();
+            }
+            spec.mode = args.mode;
+            spec.max_steps = args.steps;
+            spec.force_cpu = args.cpu;
+            spec.lora = args.lora.then_some(true);
+            spec
+        }
+        (None, None) => anyhow::bail!("give a project file or --resume RUN_DIR"),
     };
-    let handle = spawn_run(
-        RunSpec {
-            project,
-            model,
-            mode: args.mode,
-            max_steps: args.steps,
-            runs_dir,
-            force_cpu: args.cpu,
-        },
-        Arc::new(|| {}),
-    )?;
+    let handle = spawn_run(spec, Arc::new(|| {}))?;
     // Ctrl-C asks the worker to stop after a checkpoint; a second one is left to the default.
     let stop = handle.stop.clone();
     let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
@@ -88,14 +109,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
                     device,
                     device_reason,
                     parameters,
+                    trainable,
                     total_steps,
-                    ..
                 } => {
                     bar.set_length(*total_steps);
                     bar.set_prefix(device.clone());
-                    bar.println(format!(
-                        "{parameters} parameters on {device} ({device_reason})"
-                    ));
+                    say(
+                        bar,
+                        format!(
+                            "{parameters} parameters ({trainable} trained) on {device} ({device_reason})"
+                        ),
+                    );
                 }
                 TrainEvent::Step(m) => {
                     bar.set_position(m.step);
@@ -104,15 +128,25 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
                         m.loss, m.lr, m.tokens_per_sec
                     ));
                 }
-                TrainEvent::Log { message } => bar.println(message),
-                TrainEvent::Checkpoint { path, .. } => bar.println(format!("checkpoint {path}")),
-                TrainEvent::Eval(e) => bar.println(format!(
-                    "eval step {} {} ({:?} prompt): loss {:.4} accuracy {:.3}",
-                    e.step, e.task, e.prompt, e.loss, e.accuracy
-                )),
-                TrainEvent::Finished { step } => bar.println(format!("finished at step {step}")),
-                TrainEvent::Stopped { step } => bar.println(format!("stopped at step {step}")),
-                TrainEvent::Failed { error } => bar.println(format!("failed: {error}")),
+                TrainEvent::Log { message } => say(bar, message),
+                TrainEvent::Checkpoint { path, .. } => say(bar, format!("checkpoint {path}")),
+                TrainEvent::Eval(e) => say(
+                    bar,
+                    format!(
+                        "eval step {} {:<12} {:<7} prompt: loss {:.4} accuracy {:.3}{}",
+                        e.step,
+                        e.task,
+                        e.prompt.label(),
+                        e.loss,
+                        e.accuracy,
+                        e.exact_match
+                            .map(|x| format!(" exact match {x:.3} of {}", e.generated))
+                            .unwrap_or_default()
+                    ),
+                ),
+                TrainEvent::Finished { step } => say(bar, format!("finished at step {step}")),
+                TrainEvent::Stopped { step } => say(bar, format!("stopped at step {step}")),
+                TrainEvent::Failed { error } => say(bar, format!("failed: {error}")),
             }
         }
         if let TrainEvent::Failed { .. } = event {

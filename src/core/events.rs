@@ -70,6 +70,16 @@ pub enum PromptKind {
     Default,
 }
 
+impl PromptKind {
+    /// "task" or "default".
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Task => "task",
+            Self::Default => "default",
+        }
+    }
+}
+
 /// One task's evaluation under one prompt kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
@@ -81,10 +91,18 @@ pub struct EvalMetrics {
     pub prompt: PromptKind,
     /// Mean loss on answer tokens.
     pub loss: f64,
+    /// exp(loss).
+    pub perplexity: f64,
     /// Share of answer tokens predicted exactly (greedy).
     pub accuracy: f64,
     /// Share of generated answers that pass the task's check, when it has one.
     pub exact_match: Option<f64>,
+    /// Held-out records scored.
+    pub items: usize,
+    /// Records answered by generation for the exact-match check.
+    pub generated: usize,
+    /// Answer tokens scored.
+    pub tokens: u64,
 }
 
 /// Everything a worker reports, in order.
@@ -290,8 +308,12 @@ mod tests {
             task: "math".into(),
             prompt: PromptKind::Default,
             loss: 1.5,
+            perplexity: 1.5f64.exp(),
             accuracy: 0.25,
             exact_match: None,
+            items: 10,
+            generated: 0,
+            tokens: 400,
         });
         let line = serde_json::to_string(&e).unwrap();
         assert!(line.starts_with("{\"event\":\"eval\""), "{line}");

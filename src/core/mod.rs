@@ -3,6 +3,7 @@
 
 pub mod bpe;
 pub mod dataset;
+pub mod eval;
 pub mod events;
 pub mod fsutil;
 pub mod import;
@@ -12,6 +13,7 @@ pub mod packing;
 pub mod presets;
 pub mod project;
 pub mod record;
+pub mod runs;
 pub mod sampling;
 pub mod split;
 pub mod template;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::eval::AnswerCheck;
 use crate::core::fsutil::{normalize, relative_to, write_atomic};
 use crate::core::import::{ColumnMapping, Format, ImportOptions};
 use crate::core::mixing::MixSettings;
@@ -52,6 +53,14 @@ fn default_eval_fraction() -> f64 {
     0.1
 }
 
+fn default_max_new_tokens() -> usize {
+    256
+}
+
+fn is_default_max_new_tokens(n: &usize) -> bool {
+    *n == default_max_new_tokens()
+}
+
 /// A task: one kind of instruction (math, code, tool use …) with its own system prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +78,15 @@ pub struct Task {
     /// Share of the task's records held out for evaluation (0 to 0.9).
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
+    /// How generated answers are checked for exact match at evaluation.
+    #[serde(default, skip_serializing_if = "AnswerCheck::is_none")]
+    pub answer_check: AnswerCheck,
+    /// Longest answer generated for the exact-match check.
+    #[serde(
+        default = "default_max_new_tokens",
+        skip_serializing_if = "is_default_max_new_tokens"
+    )]
+    pub max_new_tokens: usize,
     /// The files the task's records come from.
     #[serde(default)]
     pub sources: Vec<Source>,
@@ -83,6 +101,8 @@ impl Task {
             system_rule: SystemRule::default(),
             weight: default_weight(),
             eval_fraction: default_eval_fraction(),
+            answer_check: AnswerCheck::None,
+            max_new_tokens: default_max_new_tokens(),
             sources: Vec::new(),
         }
     }
@@ -313,6 +333,23 @@ impl Project {
                     task.eval_fraction
                 )));
             }
+            if task.max_new_tokens == 0 {
+                return Err(invalid(format!(
+                    "{which}: max_new_tokens must be at least 1"
+                )));
+            }
+        }
+        let lora = &self.training.lora;
+        if lora.enabled && (lora.rank == 0 || lora.targets.is_empty()) {
+            return Err(invalid(
+                "training.lora: rank must be at least 1 and targets must name a module".to_string(),
+            ));
+        }
+        if !(0.0..1.0).contains(&lora.dropout) {
+            return Err(invalid(format!(
+                "training.lora: dropout {} must be at least 0 and below 1",
+                lora.dropout
+            )));
         }
         Ok(())
     }
@@ -341,13 +378,18 @@ impl Project {
             std::path::absolute(&new_base),
         ) && normalize(&old) != normalize(&new)
         {
+            let rebase = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = relative_to(&normalize(&old.join(&*p)), &new);
+                }
+            };
             for task in &mut self.tasks {
                 for source in &mut task.sources {
-                    if source.path.is_relative() {
-                        source.path = relative_to(&normalize(&old.join(&source.path)), &new);
-                    }
+                    rebase(&mut source.path);
                 }
             }
+            self.mixing.tokenizer.as_mut().map(rebase);
+            self.mixing.tokenizer_config.as_mut().map(rebase);
         }
         self.base_dir = new_base;
         write_atomic(path, self.to_toml().as_bytes()).map_err(|source| ProjectError::Io {

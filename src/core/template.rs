@@ -130,6 +130,8 @@ pub struct ChatTemplate {
     pub eos_token: String,
     /// The marker that ends an assistant turn (e.g. `<|im_end|>`), found by probing the template.
     pub end_of_turn: String,
+    /// The Jinja source, to write into exported tokenizer configs.
+    pub source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -236,6 +238,7 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             end_of_turn: String::new(),
+            source: source.to_string(),
         };
         template.end_of_turn = template.probe_end_of_turn()?;
         Ok(template)

@@ -78,6 +78,103 @@ pub struct TrainSettings {
     pub loss_norm: LossNorm,
     /// Write a checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: u64,
+    /// Evaluate every this many steps (0 = only at the end).
+    pub eval_every_steps: u64,
+    /// Held-out records per task scored for loss and token accuracy (at most).
+    pub eval_items: usize,
+    /// Held-out records per task answered by greedy generation for exact match (at most).
+    pub eval_generate: usize,
+    /// Stop after this many evaluations without a better eval loss (0 = never).
+    pub early_stopping_patience: u32,
+    /// Low-rank adapters instead of full fine-tuning.
+    pub lora: LoraSettings,
+}
+
+/// A linear layer LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LoraTarget {
+    /// Attention query.
+    #[serde(rename = "q_proj")]
+    Q,
+    /// Attention key.
+    #[serde(rename = "k_proj")]
+    K,
+    /// Attention value.
+    #[serde(rename = "v_proj")]
+    V,
+    /// Attention output.
+    #[serde(rename = "o_proj")]
+    O,
+    /// MLP gate.
+    #[serde(rename = "gate_proj")]
+    Gate,
+    /// MLP up.
+    #[serde(rename = "up_proj")]
+    Up,
+    /// MLP down.
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl LoraTarget {
+    /// Every target, in model order.
+    pub const ALL: [LoraTarget; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+
+    /// The module name, as in Hugging Face checkpoints and PEFT configs.
+    pub fn module(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+}
+
+/// LoRA settings: `W x + (alpha / rank) · B A dropout(x)` on each target, base weights frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraSettings {
+    /// Train adapters instead of every weight.
+    pub enabled: bool,
+    /// Rank of A and B.
+    pub rank: usize,
+    /// Scale numerator: the update is multiplied by alpha / rank.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// Which linear layers get adapters.
+    pub targets: Vec<LoraTarget>,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O],
+        }
+    }
+}
+
+impl LoraSettings {
+    /// The update's scale, alpha / rank.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
 }
 
 impl Default for TrainSettings {
@@ -94,6 +191,11 @@ impl Default for TrainSettings {
             adamw: AdamWConfig::default(),
             loss_norm: LossNorm::TokenMean,
             checkpoint_every: 0,
+            eval_every_steps: 0,
+            eval_items: 64,
+            eval_generate: 4,
+            early_stopping_patience: 0,
+            lora: LoraSettings::default(),
         }
     }
 }

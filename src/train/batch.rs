@@ -99,7 +99,7 @@ pub fn make_batch(rows: &[PackedRow], norm: LossNorm, device: &Device) -> Result
 
 /// The weighted next-token loss of `model` on `batch` (a scalar).
 pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
-    let logits = model.forward(&batch.input_ids, &batch.positions, &batch.mask)?;
+    let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;
     let (b, t, v) = logits.dims3()?;
     let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

@@ -1,9 +1,10 @@
-//! Model-side code (candle): device choice, the trainable decoder and its configuration. The
-//! trainer and evaluation come with the trainer issue.
+//! Model-side code (candle): device choice, the trainable decoder (full or LoRA), loading and
+//! exporting Hugging Face models, the training loop, per-task evaluation and the worker thread.
 
 pub mod batch;
 pub mod config;
 pub mod device;
+pub mod eval;
 pub mod export;
 pub mod gguf;
 pub mod load;

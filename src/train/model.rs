@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
+use crate::core::train_settings::{LoraSettings, LoraTarget};
 use crate::train::config::ModelConfig;
 
 /// Segment id of padding: never attended to.
@@ -105,36 +106,102 @@ impl KvCache {
     }
 }
 
+/// A low-rank adapter on a linear layer: adds `scale · B A dropout(x)`.
 #[derive(Debug, Clone)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head: usize,
+struct LoraAdapter {
+    /// `[rank, in]`.
+    a: Tensor,
+    /// `[out, rank]`.
+    b: Tensor,
+    scale: f64,
+    dropout: f32,
 }
 
-fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+/// A linear layer, optionally with a LoRA adapter.
+#[derive(Debug, Clone)]
+struct Proj {
+    base: Linear,
+    lora: Option<LoraAdapter>,
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some(l) = &self.lora else {
+            return Ok(y);
+        };
+        let x = if train && l.dropout > 0.0 {
+            candle_nn::ops::dropout(x, l.dropout)?
+        } else {
+            x.clone()
+        };
+        let update = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+        y + (update * l.scale)?
+    }
+}
+
+/// Where LoRA adapters come from while a decoder is built.
+#[derive(Clone)]
+struct LoraSource<'a> {
+    settings: &'a LoraSettings,
+    vb: VarBuilder<'a>,
+}
+
+/// Builds a linear layer named by `vb`'s prefix; it gets an adapter when `lora` targets it.
+fn linear(
+    inp: usize,
+    out: usize,
+    bias: bool,
+    vb: VarBuilder,
+    target: LoraTarget,
+    lora: Option<&LoraSource>,
+) -> Result<Proj> {
     let weight = vb.get((out, inp), "weight")?;
     let bias = if bias {
         Some(vb.get(out, "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    let lora = match lora {
+        Some(src) if src.settings.targets.contains(&target) => {
+            let lb = src.vb.pp(vb.prefix());
+            let r = src.settings.rank;
+            Some(LoraAdapter {
+                a: lb.get((r, inp), "lora_A.weight")?,
+                b: lb.get((out, r), "lora_B.weight")?,
+                scale: src.settings.scale(),
+                dropout: src.settings.dropout as f32,
+            })
+        }
+        _ => None,
+    };
+    Ok(Proj {
+        base: Linear::new(weight, bias),
+        lora,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    heads: usize,
+    kv_heads: usize,
+    head: usize,
 }
 
 impl Attention {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ModelConfig, vb: VarBuilder, lora: Option<&LoraSource>) -> Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         let bias = cfg.attention_bias;
+        let hid = cfg.hidden_size;
         Ok(Self {
-            q: linear(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
-            k: linear(cfg.hidden_size, kvh * d, bias, vb.pp("k_proj"))?,
-            v: linear(cfg.hidden_size, kvh * d, bias, vb.pp("v_proj"))?,
-            o: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"))?,
+            q: linear(hid, h * d, bias, vb.pp("q_proj"), LoraTarget::Q, lora)?,
+            k: linear(hid, kvh * d, bias, vb.pp("k_proj"), LoraTarget::K, lora)?,
+            v: linear(hid, kvh * d, bias, vb.pp("v_proj"), LoraTarget::V, lora)?,
+            o: linear(h * d, hid, false, vb.pp("o_proj"), LoraTarget::O, lora)?,
             heads: h,
             kv_heads: kvh,
             head: d,
@@ -148,6 +215,7 @@ impl Attention {
         mask: &Tensor,
         rotary: &Rotary,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -155,9 +223,9 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rotary.apply(&split(self.q.forward(x)?, self.heads)?, positions)?;
-        let mut k = rotary.apply(&split(self.k.forward(x)?, self.kv_heads)?, positions)?;
-        let mut v = split(self.v.forward(x)?, self.kv_heads)?;
+        let q = rotary.apply(&split(self.q.forward(x, train)?, self.heads)?, positions)?;
+        let mut k = rotary.apply(&split(self.k.forward(x, train)?, self.kv_heads)?, positions)?;
+        let mut v = split(self.v.forward(x, train)?, self.kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -185,44 +253,45 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head))?;
-        self.o.forward(&out)
+        self.o.forward(&out, train)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ModelConfig, vb: VarBuilder, lora: Option<&LoraSource>) -> Result<Self> {
+        let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate: linear(
-                cfg.hidden_size,
-                cfg.intermediate_size,
+                hid,
+                inter,
                 false,
                 vb.pp("gate_proj"),
+                LoraTarget::Gate,
+                lora,
             )?,
-            up: linear(
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                false,
-                vb.pp("up_proj"),
-            )?,
+            up: linear(hid, inter, false, vb.pp("up_proj"), LoraTarget::Up, lora)?,
             down: linear(
-                cfg.intermediate_size,
-                cfg.hidden_size,
+                inter,
+                hid,
                 false,
                 vb.pp("down_proj"),
+                LoraTarget::Down,
+                lora,
             )?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let gate = self.gate.forward(x, train)?.silu()?;
+        self.down
+            .forward(&(gate * self.up.forward(x, train)?)?, train)
     }
 }
 
@@ -251,6 +320,25 @@ impl Decoder {
     /// Builds the decoder from weights named as in Hugging Face checkpoints
     /// (`model.layers.0.self_attn.q_proj.weight`, …).
     pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, vb, None)
+    }
+
+    /// Builds the decoder with LoRA adapters on `settings.targets`, read from `lora_vb`
+    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`, … see [`init_lora`]).
+    pub fn with_lora(
+        config: &ModelConfig,
+        vb: VarBuilder,
+        settings: &LoraSettings,
+        lora_vb: VarBuilder,
+    ) -> Result<Self> {
+        let source = LoraSource {
+            settings,
+            vb: lora_vb,
+        };
+        Self::build(config, vb, Some(&source))
+    }
+
+    fn build(config: &ModelConfig, vb: VarBuilder, lora: Option<&LoraSource>) -> Result<Self> {
         let cfg = config;
         let embed_w = vb.get(
             (cfg.vocab_size, cfg.hidden_size),
@@ -266,22 +354,23 @@ impl Decoder {
                         cfg.rms_norm_eps,
                         lb.pp("input_layernorm"),
                     )?,
-                    attn: Attention::new(cfg, lb.pp("self_attn"))?,
+                    attn: Attention::new(cfg, lb.pp("self_attn"), lora)?,
                     mlp_norm: RmsNorm::new(
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                         lb.pp("post_attention_layernorm"),
                     )?,
-                    mlp: Mlp::new(cfg, lb.pp("mlp"))?,
+                    mlp: Mlp::new(cfg, lb.pp("mlp"), lora)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_w, None)
+            embed_w
         } else {
-            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
         };
+        let lm_head = Linear::new(lm_head, None);
         let rotary = Rotary::new(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
             embed,
@@ -302,7 +391,17 @@ impl Decoder {
     /// Logits `[b, t, vocab]` for `input_ids` `[b, t]` at `positions` `[b, t]` under an additive
     /// attention `mask` `[b, 1, t, t]` (see [`attention_mask`]).
     pub fn forward(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        self.run(input_ids, positions, mask, None)
+        self.run(input_ids, positions, mask, None, false)
+    }
+
+    /// As [`Decoder::forward`], in training mode: LoRA dropout is applied.
+    pub fn forward_train(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(input_ids, positions, mask, None, true)
     }
 
     fn run(
@@ -311,6 +410,7 @@ impl Decoder {
         positions: &Tensor,
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
+        train: bool,
     ) -> Result<Tensor> {
         let mut x = self.embed.forward(input_ids)?;
         if let Some(c) = cache.as_deref_mut() {
@@ -324,9 +424,10 @@ impl Decoder {
                 mask,
                 &self.rotary,
                 slot,
+                train,
             )?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.mlp_norm.forward(&x)?)?;
+            let h = layer.mlp.forward(&layer.mlp_norm.forward(&x)?, train)?;
             x = (x + h)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
@@ -353,7 +454,7 @@ impl Decoder {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (1, 1, n, total), &self.device)?;
-        let logits = self.run(&ids, &positions, &mask, Some(cache))?;
+        let logits = self.run(&ids, &positions, &mask, Some(cache), false)?;
         logits.i((0, n - 1))
     }
 
@@ -507,6 +608,86 @@ pub fn named_vars(weights: &VarMap) -> Vec<(String, Var)> {
     };
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
+}
+
+/// Names and shapes of the LoRA adapters `settings` puts on a decoder with `cfg`
+/// (`….q_proj.lora_A.weight` `[rank, in]`, `….q_proj.lora_B.weight` `[out, rank]`).
+pub fn lora_shapes(cfg: &ModelConfig, settings: &LoraSettings) -> Vec<(String, Vec<usize>)> {
+    let r = settings.rank;
+    let mut out = Vec::new();
+    for (name, shape) in weight_shapes(cfg) {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let targeted = settings
+            .targets
+            .iter()
+            .any(|t| module.ends_with(&format!(".{}", t.module())));
+        if targeted && shape.len() == 2 {
+            out.push((format!("{module}.lora_A.weight"), vec![r, shape[1]]));
+            out.push((format!("{module}.lora_B.weight"), vec![shape[0], r]));
+        }
+    }
+    out
+}
+
+/// Fresh, seeded LoRA adapters: A uniform in ±1/√in (PEFT's Kaiming default), B zero, so the
+/// adapted model starts equal to the base.
+pub fn init_lora(
+    cfg: &ModelConfig,
+    settings: &LoraSettings,
+    seed: u64,
+    device: &Device,
+) -> Result<VarMap> {
+    let varmap = VarMap::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4c6f_5241);
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("weight map lock poisoned".to_string()))?;
+        for (name, shape) in lora_shapes(cfg, settings) {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with("lora_A.weight") {
+                let bound = 1.0 / (shape[1] as f32).sqrt();
+                let uniform = rand_distr::Uniform::new(-bound, bound)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                (0..n).map(|_| uniform.sample(&mut rng)).collect()
+            } else {
+                vec![0.0; n]
+            };
+            data.insert(
+                name,
+                Var::from_tensor(&Tensor::from_vec(values, shape, device)?)?,
+            );
+        }
+    }
+    Ok(varmap)
+}
+
+/// The base weights with every adapter folded in: `W + scale · B A`.
+pub fn merge_lora(
+    base: &[(String, Tensor)],
+    adapters: &[(String, Tensor)],
+    settings: &LoraSettings,
+) -> Result<Vec<(String, Tensor)>> {
+    let find = |name: &str| adapters.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+    base.iter()
+        .map(|(name, w)| {
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            let a = find(&format!("{module}.lora_A.weight"));
+            let b = find(&format!("{module}.lora_B.weight"));
+            let merged = match (a, b) {
+                (Some(a), Some(b)) => {
+                    let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?
+                        * settings.scale())?;
+                    (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?
+                }
+                _ => w.clone(),
+            };
+            Ok((name.clone(), merged))
+        })
+        .collect()
 }
 
 /// A decoder over freshly initialised, trainable weights.

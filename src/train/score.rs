@@ -7,6 +7,8 @@ use candle_core::{D, Device, IndexOp, Tensor};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
+use crate::core::template::ChatTemplate;
+use crate::train::export::CHATML_JINJA;
 use crate::train::gguf::load_gguf;
 use crate::train::load::{LoadedModel, load_hf_folder};
 use crate::train::model::attention_mask;
@@ -67,6 +69,27 @@ pub fn load_bundle(path: &Path, device: &Device) -> anyhow::Result<ModelBundle> 
 }
 
 impl ModelBundle {
+    /// The model's chat template (ChatML when it carries none) with its BOS and EOS tokens.
+    pub fn template(&self) -> anyhow::Result<ChatTemplate> {
+        let source = self
+            .chat_template
+            .clone()
+            .unwrap_or_else(|| CHATML_JINJA.to_string());
+        let eos = self
+            .loaded
+            .config
+            .eos_token_id
+            .as_ref()
+            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
+            .and_then(|id| self.tokenizer.id_to_token(id as u32))
+            .unwrap_or_else(|| "<|im_end|>".to_string());
+        let bos = self
+            .bos
+            .and_then(|id| self.tokenizer.id_to_token(id))
+            .unwrap_or_default();
+        Ok(ChatTemplate::from_source(&source, &bos, &eos)?)
+    }
+
     /// Token ids of `text` as the model's tokenizer makes them (BOS included where it says so).
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
         let enc = self

@@ -10,7 +10,7 @@ use tokenizers::Tokenizer;
 
 use crate::core::bpe::{SPECIAL_TOKENS, train_bpe};
 use crate::train::config::ModelConfig;
-use crate::train::export::{CHATML_JINJA, save_model_folder};
+use crate::train::export::{CHATML_JINJA, save_model_folder, tensors_of};
 use crate::train::model::{init_weights, named_vars};
 
 const TINY_PRESET: &str = include_str!("../../presets/tiny_model.json");
@@ -39,7 +39,7 @@ pub fn create_tiny_model(
     save_model_folder(
         dir,
         &config,
-        &named_vars(&weights),
+        &tensors_of(&named_vars(&weights)),
         &tokenizer,
         CHATML_JINJA,
         SPECIAL_TOKENS[2],

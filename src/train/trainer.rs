@@ -17,6 +17,7 @@ use crate::core::mixing::{MixSettings, Prepared};
 use crate::core::packing::{PackPlan, PackSettings};
 pub use crate::core::train_settings::TrainSettings;
 use crate::train::batch::{batch_loss, make_batch};
+use crate::train::eval::{EvalSet, evaluate, watched_loss};
 use crate::train::model::Decoder;
 use crate::train::optim::{AdamW, clip_grad_norm, lr_at};
 
@@ -31,6 +32,12 @@ pub struct TrainerState {
     pub row: usize,
     /// Steps the whole run plans.
     pub total_steps: u64,
+    /// Best watched eval loss so far (early stopping).
+    #[serde(default)]
+    pub best_eval: Option<f64>,
+    /// Evaluations since the best one.
+    #[serde(default)]
+    pub evals_since_best: u32,
 }
 
 /// Everything a run needs.
@@ -51,6 +58,8 @@ pub struct TrainJob<'a> {
     pub seed: u64,
     /// Where checkpoints go.
     pub out_dir: &'a Path,
+    /// Held-out items to evaluate, if any.
+    pub eval: Option<&'a EvalSet>,
 }
 
 /// How a run ended.
@@ -60,6 +69,8 @@ pub enum Ending {
     Finished,
     /// Stopped on request.
     Stopped,
+    /// Stopped because the eval loss stopped improving.
+    EarlyStopped,
 }
 
 /// Rows per epoch, for planning the total step count.
@@ -163,6 +174,8 @@ pub fn train(
         epoch: 0,
         row: 0,
         total_steps,
+        best_eval: None,
+        evals_since_best: 0,
     });
     let device = job.model.device().clone();
     let vars: Vec<Var> = job.weights.iter().map(|(_, v)| v.clone()).collect();
@@ -172,6 +185,7 @@ pub fn train(
         .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
     let started = Instant::now();
     let mut paused = false;
+    let mut eval_now = false;
     let per_step = job.train.batch_rows.max(1);
     while state.step < total_steps {
         // Commands are taken between steps; while paused the worker waits for the next one.
@@ -192,27 +206,20 @@ pub fn train(
                 Some(TrainCommand::Pause) => paused = true,
                 Some(TrainCommand::Resume) => paused = false,
                 Some(TrainCommand::Stop) => stop.store(true, Ordering::SeqCst),
-                Some(TrainCommand::SaveCheckpoint) => {
-                    let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
-                    save_checkpoint(&dir, job.weights, opt, &state)?;
-                    let _ = events.send(TrainEvent::Checkpoint {
-                        step: state.step,
-                        path: dir.display().to_string(),
-                    });
-                }
-                Some(TrainCommand::EvalNow) | None => {}
+                Some(TrainCommand::SaveCheckpoint) => save_and_report(job, opt, &state, events)?,
+                Some(TrainCommand::EvalNow) => eval_now = true,
+                None => {}
             }
             if stop.load(Ordering::SeqCst) || (!paused && cmd.is_none()) {
                 break;
             }
         }
+        if eval_now && !stop.load(Ordering::SeqCst) {
+            eval_now = false;
+            run_eval(job, &mut state, events, stop)?;
+        }
         if stop.load(Ordering::SeqCst) {
-            let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
-            save_checkpoint(&dir, job.weights, opt, &state)?;
-            let _ = events.send(TrainEvent::Checkpoint {
-                step: state.step,
-                path: dir.display().to_string(),
-            });
+            save_and_report(job, opt, &state, events)?;
             return Ok((Ending::Stopped, state));
         }
         let step_started = Instant::now();
@@ -265,6 +272,12 @@ pub fn train(
             anyhow::bail!("no batch could be built");
         };
         let grad_norm = clip_grad_norm(&mut grads, &vars, job.train.clip_grad_norm)?;
+        if !grad_norm.is_finite() {
+            anyhow::bail!(
+                "the gradient norm became {grad_norm} at step {}; the last good checkpoint is kept",
+                state.step + 1
+            );
+        }
         let lr = lr_at(
             state.step,
             total_steps,
@@ -286,23 +299,104 @@ pub fn train(
             elapsed_s: started.elapsed().as_secs_f64(),
             steps: 1,
         });
+        let every = job.train.eval_every_steps;
+        if every > 0 && state.step.is_multiple_of(every) && state.step < total_steps {
+            let patience = job.train.early_stopping_patience;
+            if run_eval(job, &mut state, events, stop)?
+                && patience > 0
+                && state.evals_since_best >= patience
+            {
+                let _ = events.send(TrainEvent::Log {
+                    message: format!(
+                        "early stopping at step {}: the eval loss has not improved for {} \
+                         evaluations (best {:.4})",
+                        state.step,
+                        state.evals_since_best,
+                        state.best_eval.unwrap_or(f64::NAN)
+                    ),
+                });
+                save_and_report(job, opt, &state, events)?;
+                return Ok((Ending::EarlyStopped, state));
+            }
+        }
         let every = job.train.checkpoint_every;
         if every > 0 && state.step.is_multiple_of(every) && state.step < total_steps {
-            let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
-            save_checkpoint(&dir, job.weights, opt, &state)?;
-            let _ = events.send(TrainEvent::Checkpoint {
-                step: state.step,
-                path: dir.display().to_string(),
-            });
+            save_and_report(job, opt, &state, events)?;
+        }
+    }
+    run_eval(job, &mut state, events, stop)?;
+    save_and_report(job, opt, &state, events)?;
+    Ok((Ending::Finished, state))
+}
+
+/// Writes a checkpoint and reports it — unless a weight is no longer finite, in which case the
+/// run fails and the checkpoints already on disk stay the last good ones.
+fn save_and_report(
+    job: &TrainJob,
+    opt: &AdamW,
+    state: &TrainerState,
+    events: &mut EventSender,
+) -> anyhow::Result<()> {
+    for (name, var) in job.weights {
+        let peak = var
+            .as_tensor()
+            .abs()?
+            .max_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        if !peak.is_finite() {
+            anyhow::bail!(
+                "the weights became non-finite by step {} ({name}); not saving them, the last \
+                 good checkpoint is kept",
+                state.step
+            );
         }
     }
     let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
-    save_checkpoint(&dir, job.weights, opt, &state)?;
+    save_checkpoint(&dir, job.weights, opt, state)?;
     let _ = events.send(TrainEvent::Checkpoint {
         step: state.step,
         path: dir.display().to_string(),
     });
-    Ok((Ending::Finished, state))
+    Ok(())
+}
+
+/// Evaluates the held-out items (if the job has any), reports every result, and updates the
+/// early-stopping record. Returns whether an evaluation ran to its end.
+fn run_eval(
+    job: &TrainJob,
+    state: &mut TrainerState,
+    events: &mut EventSender,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<bool> {
+    let Some(set) = job.eval.filter(|s| !s.is_empty()) else {
+        return Ok(false);
+    };
+    events.flush()?;
+    let results = evaluate(job.model, set, state.step, &mut || {
+        !stop.load(Ordering::SeqCst)
+    })?;
+    let complete = results.len()
+        == set
+            .tasks
+            .iter()
+            .map(|t| t.items.iter().filter(|i| !i.is_empty()).count())
+            .sum::<usize>();
+    for m in &results {
+        events.send(TrainEvent::Eval(m.clone()))?;
+    }
+    if !complete {
+        return Ok(false);
+    }
+    if let Some(loss) = watched_loss(&results) {
+        if state.best_eval.is_none_or(|best| loss < best) {
+            state.best_eval = Some(loss);
+            state.evals_since_best = 0;
+        } else {
+            state.evals_since_best += 1;
+        }
+    }
+    Ok(true)
 }
 
 /// The path of the newest checkpoint in `out_dir`, if any.

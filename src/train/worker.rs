@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use serde_json::json;
 
+use crate::core::dataset::TaskData;
 use crate::core::dataset::load_project;
 use crate::core::events::{EventSender, TrainCommand, TrainEvent, Wake, event_channel};
 use crate::core::fsutil::write_atomic;
@@ -23,12 +24,15 @@ use crate::core::packing::PackMode;
 use crate::core::project::Project;
 use crate::core::template::ChatTemplate;
 use crate::train::device::choose_device;
-use crate::train::export::{CHATML_JINJA, save_model_folder};
-use crate::train::model::{Decoder, init_weights, named_vars};
+use crate::train::eval::EvalSet;
+use crate::train::export::{save_model_folder, save_peft_adapter, tensors_of};
+use crate::train::model::{Decoder, init_lora, init_weights, merge_lora, named_vars};
 use crate::train::optim::AdamW;
 use crate::train::score::load_bundle;
 use crate::train::tiny::tiny_config;
-use crate::train::trainer::{Ending, TrainJob, train};
+use crate::train::trainer::{
+    Ending, TrainJob, latest_checkpoint, load_checkpoint, planned_steps, train,
+};
 
 /// Which model a run trains.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +58,59 @@ pub struct RunSpec {
     pub runs_dir: PathBuf,
     /// Train on the CPU even when a GPU is there.
     pub force_cpu: bool,
+    /// LoRA on or off, overriding the project's `training.lora.enabled`.
+    pub lora: Option<bool>,
+    /// Continue the run in this folder from its newest checkpoint instead of starting a new one
+    /// (`project` and `model` should be the ones it ran with: see [`resume_spec`]).
+    pub resume: Option<PathBuf>,
+}
+
+impl RunSpec {
+    /// A new run of `project` with `model`, its settings as they are, in `runs/` beside the
+    /// project.
+    pub fn new(project: Project, model: ModelChoice) -> Self {
+        let runs_dir = project.base_dir.join("runs");
+        Self {
+            project,
+            model,
+            mode: None,
+            max_steps: None,
+            runs_dir,
+            force_cpu: false,
+            lora: None,
+            resume: None,
+        }
+    }
+}
+
+/// What `run.json` records about a run, written when it starts.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunInfo {
+    /// "tiny" or the model's absolute path.
+    pub model: String,
+    /// Whether it trains LoRA adapters.
+    pub lora: bool,
+    /// Whether the CPU was forced.
+    pub force_cpu: bool,
+}
+
+/// The spec that continues the run in `run_dir`: its own project snapshot and model.
+pub fn resume_spec(run_dir: &Path) -> anyhow::Result<RunSpec> {
+    let info: RunInfo = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("run.json"))
+            .with_context(|| format!("{} is not a run folder (no run.json)", run_dir.display()))?,
+    )
+    .with_context(|| format!("reading {}", run_dir.join("run.json").display()))?;
+    let project = Project::load(&run_dir.join("project.moi.toml"))?;
+    let model = if info.model == "tiny" {
+        ModelChoice::Tiny
+    } else {
+        ModelChoice::Path(PathBuf::from(info.model))
+    };
+    let mut spec = RunSpec::new(project, model);
+    spec.force_cpu = info.force_cpu;
+    spec.resume = Some(run_dir.to_path_buf());
+    Ok(spec)
 }
 
 /// A running worker.
@@ -91,10 +148,19 @@ fn run_id() -> String {
 /// Starts a run on a named thread. Events go to the returned handle (bounded channel, steps
 /// merged rather than dropped when the listener is slow) and to `metrics.jsonl`.
 pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
-    let run_dir = spec.runs_dir.join(run_id());
+    let run_dir = match &spec.resume {
+        Some(dir) => dir.clone(),
+        None => spec.runs_dir.join(run_id()),
+    };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (mut events, rx) = event_channel(256, wake);
-    let log = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
+    // A resumed run appends to its metrics, so its curves continue.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(spec.resume.is_some())
+        .write(true)
+        .truncate(spec.resume.is_none())
+        .open(run_dir.join("metrics.jsonl"))?;
     events.record_to(Box::new(BufWriter::new(log)));
     let (cmd_tx, cmd_rx) = bounded(16);
     let stop = Arc::new(AtomicBool::new(false));
@@ -128,6 +194,98 @@ fn log(events: &mut EventSender, message: impl Into<String>) {
     });
 }
 
+/// A model ready to train: the decoder, its weights split into frozen and trained, and the
+/// tokenizer and template that go with it.
+struct Parts {
+    model: Decoder,
+    config: crate::train::config::ModelConfig,
+    /// Frozen base weights (LoRA) — empty for full fine-tuning, where every weight trains.
+    base: Vec<(String, Tensor)>,
+    /// The trained variables.
+    trainable: Vec<(String, Var)>,
+    tokenizer: tokenizers::Tokenizer,
+    template: ChatTemplate,
+    eos: String,
+}
+
+/// Builds or loads the model; with LoRA the base is frozen (plain tensors) and only seeded
+/// adapters are variables.
+fn build_parts(
+    spec: &RunSpec,
+    project: &Project,
+    data: &[TaskData],
+    device: &Device,
+    events: &mut EventSender,
+) -> anyhow::Result<Parts> {
+    let (config, weights, tokenizer, template) = match &spec.model {
+        ModelChoice::Tiny => {
+            log(
+                events,
+                format!("training the built-in tokenizer ({BUILTIN_VOCAB} tokens)"),
+            );
+            let tokenizer = load_tokenizer(project, &project.mixing, data)?;
+            let config = tiny_config(tokenizer.get_vocab_size(true))?;
+            let weights = named_vars(&init_weights(&config, project.seed, device)?);
+            let template = load_template(project, &project.mixing)?;
+            (config, weights, tokenizer, template)
+        }
+        ModelChoice::Path(path) => {
+            log(events, format!("loading {}", path.display()));
+            let bundle = load_bundle(path, device)?;
+            let weights = named_vars(&bundle.loaded.weights);
+            let template = bundle.template()?;
+            (bundle.loaded.config, weights, bundle.tokenizer, template)
+        }
+    };
+    let eos = if template.eos_token.is_empty() {
+        template.end_of_turn.trim().to_string()
+    } else {
+        template.eos_token.clone()
+    };
+    let lora = &project.training.lora;
+    if !lora.enabled {
+        let model = Decoder::new(&config, var_builder(&weights, device))?;
+        return Ok(Parts {
+            model,
+            config,
+            base: Vec::new(),
+            trainable: weights,
+            tokenizer,
+            template,
+            eos,
+        });
+    }
+    let base: Vec<(String, Tensor)> = weights
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+        .collect();
+    let adapters = init_lora(&config, lora, project.seed, device)?;
+    let model = Decoder::with_lora(
+        &config,
+        VarBuilder::from_tensors(base.iter().cloned().collect(), DType::F32, device),
+        lora,
+        VarBuilder::from_varmap(&adapters, DType::F32, device),
+    )?;
+    Ok(Parts {
+        model,
+        config,
+        base,
+        trainable: named_vars(&adapters),
+        tokenizer,
+        template,
+        eos,
+    })
+}
+
+/// A builder that hands out the given variables (so the decoder trains them).
+fn var_builder<'a>(weights: &[(String, Var)], device: &Device) -> VarBuilder<'a> {
+    let map = candle_nn::VarMap::new();
+    if let Ok(mut data) = map.data().lock() {
+        data.extend(weights.iter().cloned());
+    }
+    VarBuilder::from_varmap(&map, DType::F32, device)
+}
+
 fn run_worker(
     spec: &RunSpec,
     run_dir: &Path,
@@ -142,10 +300,30 @@ fn run_worker(
     if let Some(steps) = spec.max_steps {
         project.training.max_steps = Some(steps);
     }
-    write_atomic(
-        &run_dir.join("project.moi.toml"),
-        project.to_toml().as_bytes(),
-    )?;
+    if let Some(lora) = spec.lora {
+        project.training.lora.enabled = lora;
+    }
+    if spec.resume.is_none() {
+        project
+            .clone()
+            .save(&run_dir.join("project.moi.toml"))
+            .context("saving the run's project")?;
+        let info = RunInfo {
+            model: match &spec.model {
+                ModelChoice::Tiny => "tiny".to_string(),
+                ModelChoice::Path(p) => std::path::absolute(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string(),
+            },
+            lora: project.training.lora.enabled,
+            force_cpu: spec.force_cpu,
+        };
+        write_atomic(
+            &run_dir.join("run.json"),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
+        )?;
+    }
     log(events, "reading the tasks' data");
     let data = load_project(&project, &mut |_| {});
     let records: usize = data.iter().map(|d| d.records.len()).sum();
@@ -153,67 +331,15 @@ fn run_worker(
         anyhow::bail!("the project has no records to train on");
     }
     let device = choose_device(spec.force_cpu);
+    let parts = build_parts(spec, &project, &data, &device.device, events)?;
+    let config = &parts.config;
 
-    // The model, its weights and the tokenizer and template that go with it.
-    let (model, config, weights, tokenizer, template_source, eos) = match &spec.model {
-        ModelChoice::Tiny => {
-            log(
-                events,
-                format!("training the built-in tokenizer ({BUILTIN_VOCAB} tokens)"),
-            );
-            let tokenizer = load_tokenizer(&project, &project.mixing, &data)?;
-            let config = tiny_config(tokenizer.get_vocab_size(true))?;
-            let varmap = init_weights(&config, project.seed, &device.device)?;
-            let model = Decoder::new(
-                &config,
-                VarBuilder::from_varmap(&varmap, DType::F32, &device.device),
-            )?;
-            let weights = named_vars(&varmap);
-            (
-                model,
-                config,
-                weights,
-                tokenizer,
-                CHATML_JINJA.to_string(),
-                "<|im_end|>".to_string(),
-            )
-        }
-        ModelChoice::Path(path) => {
-            log(events, format!("loading {}", path.display()));
-            let bundle = load_bundle(path, &device.device)?;
-            let weights = named_vars(&bundle.loaded.weights);
-            let template = bundle
-                .chat_template
-                .clone()
-                .unwrap_or_else(|| CHATML_JINJA.to_string());
-            let eos = bundle
-                .loaded
-                .config
-                .eos_token_id
-                .as_ref()
-                .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
-                .and_then(|id| bundle.tokenizer.id_to_token(id as u32))
-                .unwrap_or_else(|| "<|im_end|>".to_string());
-            (
-                bundle.loaded.model,
-                bundle.loaded.config,
-                weights,
-                bundle.tokenizer,
-                template,
-                eos,
-            )
-        }
-    };
-    let template = match &spec.model {
-        ModelChoice::Tiny => load_template(&project, &project.mixing)?,
-        ModelChoice::Path(_) => ChatTemplate::from_source(&template_source, "", &eos)?,
-    };
     log(events, "tokenizing");
     let prepared = Prepared::build(
         &project,
         &data,
-        &tokenizer,
-        &template,
+        &parts.tokenizer,
+        &parts.template,
         project.mixing.labels,
     )?;
     let mut pack = project.packing.clone();
@@ -228,46 +354,126 @@ fn run_worker(
         pack.max_seq_len = config.max_position_embeddings;
     }
     prepared.check_fits(&pack)?;
+    let eval_set = EvalSet::build(
+        &project,
+        &data,
+        &parts.tokenizer,
+        &parts.template,
+        project.training.eval_items,
+        project.training.eval_generate,
+        config.max_position_embeddings,
+    );
 
-    let parameters: u64 = weights.iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let count = |w: &[(String, Var)]| w.iter().map(|(_, v)| v.elem_count() as u64).sum::<u64>();
+    let trainable = count(&parts.trainable);
+    let parameters = trainable
+        + parts
+            .base
+            .iter()
+            .map(|(_, t)| t.elem_count() as u64)
+            .sum::<u64>();
     let job = TrainJob {
-        model: &model,
-        weights: &weights,
+        model: &parts.model,
+        weights: &parts.trainable,
         prepared: &prepared,
         mix: &project.mixing,
         pack: &pack,
         train: &project.training,
         seed: project.seed,
         out_dir: run_dir,
+        eval: Some(&eval_set),
     };
-    let total_steps = crate::train::trainer::planned_steps(&job);
+    let total_steps = planned_steps(&job);
+    let mut opt = AdamW::new(parts.trainable.clone(), project.training.adamw)?;
+    let resume = match &spec.resume {
+        Some(dir) => {
+            let checkpoint = latest_checkpoint(dir)
+                .with_context(|| format!("{} has no checkpoint to resume", dir.display()))?;
+            let state = load_checkpoint(&checkpoint, &parts.trainable, &mut opt)?;
+            log(
+                events,
+                format!(
+                    "resuming from {} (step {})",
+                    checkpoint.display(),
+                    state.step
+                ),
+            );
+            Some(state)
+        }
+        None => None,
+    };
     events.send(TrainEvent::Started {
         device: device.name.clone(),
         device_reason: device.reason.clone(),
         parameters,
-        trainable: parameters,
+        trainable,
         total_steps,
     })?;
-    let mut opt = AdamW::new(weights.clone(), project.training.adamw)?;
-    let (ending, state) = train(&job, &mut opt, None, events, commands, stop)?;
+    log(
+        events,
+        format!(
+            "{} held-out items across {} tasks, each under its own and the default prompt",
+            eval_set.len() / 2,
+            eval_set.tasks.len()
+        ),
+    );
+    let (ending, state) = train(&job, &mut opt, resume, events, commands, stop)?;
     events.flush()?;
     log(events, "writing the model folder");
+    let lora = &project.training.lora;
+    let trained = tensors_of(&parts.trainable);
+    let weights = if lora.enabled {
+        // The adapter needs its base on disk: the built-in model's seeded weights are written
+        // beside it.
+        let base_path = match &spec.model {
+            ModelChoice::Tiny => {
+                let dir = run_dir.join("base");
+                save_model_folder(
+                    &dir,
+                    config,
+                    &parts.base,
+                    &parts.tokenizer,
+                    &parts.template.source,
+                    &parts.eos,
+                )?;
+                dir
+            }
+            ModelChoice::Path(p) => p.clone(),
+        };
+        let base_path = std::path::absolute(&base_path).unwrap_or(base_path);
+        save_peft_adapter(
+            &run_dir.join("adapter"),
+            &trained,
+            lora,
+            &base_path.display().to_string(),
+        )?;
+        merge_lora(&parts.base, &trained, lora)?
+    } else {
+        trained
+    };
     save_model_folder(
         &run_dir.join("model"),
-        &config,
+        config,
         &weights,
-        &tokenizer,
-        &template_source,
-        &eos,
+        &parts.tokenizer,
+        &parts.template.source,
+        &parts.eos,
     )?;
     let summary = json!({
-        "ending": match ending { Ending::Finished => "finished", Ending::Stopped => "stopped" },
+        "ending": match ending {
+            Ending::Finished => "finished",
+            Ending::Stopped => "stopped",
+            Ending::EarlyStopped => "early_stopped",
+        },
         "steps": state.step,
         "total_steps": total_steps,
         "device": device.name,
         "parameters": parameters,
+        "trainable": trainable,
+        "lora": lora.enabled,
         "model": match &spec.model { ModelChoice::Tiny => "tiny".to_string(), ModelChoice::Path(p) => p.display().to_string() },
         "mode": pack.mode,
+        "best_eval_loss": state.best_eval,
     });
     write_atomic(
         &run_dir.join("summary.json"),
@@ -275,7 +481,7 @@ fn run_worker(
     )?;
     stop.store(false, Ordering::SeqCst);
     Ok(match ending {
-        Ending::Finished => TrainEvent::Finished { step: state.step },
+        Ending::Finished | Ending::EarlyStopped => TrainEvent::Finished { step: state.step },
         Ending::Stopped => TrainEvent::Stopped { step: state.step },
     })
 }
