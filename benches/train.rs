@@ -85,6 +85,7 @@ fn main() {
             seed: project.seed,
             out_dir: out.path(),
             eval: None,
+            chat: None,
         };
         let mut opt = AdamW::new(trainable.clone(), settings.adamw).expect("optimizer");
         let (mut events, rx) = event_channel(10_000, Arc::new(|| {}));

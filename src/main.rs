@@ -21,7 +21,8 @@ fn main() -> ExitCode {
 
 /// Opens the studio, or explains why it cannot and what the CLI offers instead.
 fn open_studio(project: Option<std::path::PathBuf>) -> i32 {
-    let Some(project) = project.or_else(moi_studio::demo_project_path) else {
+    let demo = moi_studio::demo_project_path();
+    let Some(fallback) = demo.or_else(|| project.clone()) else {
         eprintln!(
             "error: no project given and the demo project (presets/demo.moi.toml) is not here"
         );
@@ -34,7 +35,7 @@ fn open_studio(project: Option<std::path::PathBuf>) -> i32 {
         );
         return 2;
     }
-    match run_studio(project) {
+    match run_studio(project, fallback) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!(

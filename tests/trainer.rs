@@ -104,6 +104,7 @@ fn run_with(
         train: settings,
         seed: d.project.seed,
         out_dir: out,
+        chat: None,
         eval,
     };
     let mut opt = AdamW::new(params.to_vec(), settings.adamw).unwrap();

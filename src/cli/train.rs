@@ -144,6 +144,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
                             .unwrap_or_default()
                     ),
                 ),
+                TrainEvent::Generated { step, text, .. } => {
+                    say(bar, format!("answer at step {step}: {text}"))
+                }
                 TrainEvent::Finished { step } => say(bar, format!("finished at step {step}")),
                 TrainEvent::Stopped { step } => say(bar, format!("stopped at step {step}")),
                 TrainEvent::Failed { error } => say(bar, format!("failed: {error}")),

@@ -8,7 +8,7 @@ use crossbeam_channel::{Receiver, SendError, Sender, TrySendError, bounded};
 use serde::{Deserialize, Serialize};
 
 /// What the UI or CLI can ask of a running worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainCommand {
     /// Hold after the current step.
@@ -21,6 +21,15 @@ pub enum TrainCommand {
     EvalNow,
     /// Write a checkpoint at the next step boundary.
     SaveCheckpoint,
+    /// Answer a prompt with the current weights (greedy) at the next step boundary.
+    Generate {
+        /// The system prompt.
+        system: String,
+        /// The user's prompt.
+        prompt: String,
+        /// Longest answer.
+        max_new_tokens: usize,
+    },
 }
 
 /// One optimizer step's numbers (or several merged, see `steps`).
@@ -132,6 +141,15 @@ pub enum TrainEvent {
         step: u64,
         /// Where.
         path: String,
+    },
+    /// The answer to a [`TrainCommand::Generate`].
+    Generated {
+        /// The step whose weights answered.
+        step: u64,
+        /// The prompt.
+        prompt: String,
+        /// The answer (or why there is none).
+        text: String,
     },
     /// A line for the log.
     Log {

@@ -19,3 +19,4 @@ pub mod split;
 pub mod template;
 pub mod tokenize;
 pub mod train_settings;
+pub mod views;

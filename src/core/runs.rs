@@ -90,7 +90,7 @@ impl RunHistory {
                     self.log.remove(0);
                 }
             }
-            TrainEvent::Checkpoint { .. } => {}
+            TrainEvent::Checkpoint { .. } | TrainEvent::Generated { .. } => {}
             TrainEvent::Finished { .. }
             | TrainEvent::Stopped { .. }
             | TrainEvent::Failed { .. } => {

@@ -2,7 +2,10 @@
 //! `model.safetensors`, `tokenizer.json` and `tokenizer_config.json` with the chat template; and
 //! LoRA adapters as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::Device;
 
 use candle_core::{Tensor, Var};
 
@@ -12,6 +15,7 @@ use tokenizers::Tokenizer;
 
 use crate::core::fsutil::write_atomic;
 use crate::train::config::ModelConfig;
+use crate::train::load::load_hf_folder;
 
 /// Writes an HF model folder: config, weights, tokenizer and its config with the chat template.
 pub fn save_model_folder(
@@ -115,4 +119,88 @@ pub fn save_peft_adapter(
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
     Ok(())
+}
+
+const MODEL_FILES: [&str; 4] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// Copies `files` from `from` to `to`, each through a temporary file and a rename.
+fn copy_files(from: &Path, to: &Path, files: &[&str]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for f in files {
+        let src = from.join(f);
+        let tmp = to.join(format!(".{f}.tmp"));
+        std::fs::copy(&src, &tmp).with_context(|| format!("copying {}", src.display()))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, to.join(f))?;
+    }
+    Ok(())
+}
+
+/// The model card: what the folder holds and how to load it with Python.
+fn readme(run: &Path, adapter: bool) -> String {
+    let mut text = format!(
+        "# Model exported by MoI Studio\n\nFrom run `{}`.\n\n```python\n\
+         from transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
+         tok = AutoTokenizer.from_pretrained(\"PATH\")\n\
+         model = AutoModelForCausalLM.from_pretrained(\"PATH\")\n\
+         messages = [{{\"role\": \"system\", \"content\": \"You are a helpful assistant.\"}},\n\
+         \x20           {{\"role\": \"user\", \"content\": \"What is 2 + 3?\"}}]\n\
+         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n\
+         out = model.generate(ids, max_new_tokens=64, do_sample=False)\n\
+         print(tok.decode(out[0, ids.shape[-1]:], skip_special_tokens=True))\n```\n",
+        run.display()
+    );
+    if adapter {
+        text.push_str(
+            "\n`adapter/` holds the LoRA adapter alone (the model above has it merged). Load it on \
+             the base model with PEFT:\n\n```python\nfrom peft import PeftModel\n\
+             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"BASE\"), \
+             \"PATH/adapter\")\n```\n",
+        );
+    }
+    text
+}
+
+/// A run folder without a finished model.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} has no finished model ({} is missing); a run writes model/ when it finishes or is stopped",
+    run.display(),
+    missing.display()
+)]
+pub struct NoModel {
+    /// The run folder.
+    pub run: PathBuf,
+    /// The first file not found.
+    pub missing: PathBuf,
+}
+
+/// Copies a run's model to `out` as a Hugging Face folder with a model card, and its PEFT
+/// adapter (LoRA runs) to `out/adapter`. Returns whether there was an adapter.
+pub fn export_run(run: &Path, out: &Path) -> anyhow::Result<bool> {
+    let model = run.join("model");
+    if let Some(missing) = MODEL_FILES.iter().find(|f| !model.join(f).is_file()) {
+        return Err(NoModel {
+            run: run.to_path_buf(),
+            missing: model.join(missing),
+        }
+        .into());
+    }
+    // Refuse to copy something that does not load.
+    load_hf_folder(&model, &Device::Cpu)
+        .with_context(|| format!("checking {}", model.display()))?;
+    copy_files(&model, out, &MODEL_FILES)?;
+    let adapter = run.join("adapter");
+    let has_adapter = ADAPTER_FILES.iter().all(|f| adapter.join(f).is_file());
+    if has_adapter {
+        copy_files(&adapter, &out.join("adapter"), &ADAPTER_FILES)?;
+    }
+    write_atomic(&out.join("README.md"), readme(run, has_adapter).as_bytes())?;
+    Ok(has_adapter)
 }

@@ -2,6 +2,7 @@
 //! exporting Hugging Face models, the training loop, per-task evaluation and the worker thread.
 
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod device;
 pub mod eval;

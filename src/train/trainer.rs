@@ -17,6 +17,7 @@ use crate::core::mixing::{MixSettings, Prepared};
 use crate::core::packing::{PackPlan, PackSettings};
 pub use crate::core::train_settings::TrainSettings;
 use crate::train::batch::{batch_loss, make_batch};
+use crate::train::chat::Chat;
 use crate::train::eval::{EvalSet, evaluate, watched_loss};
 use crate::train::model::Decoder;
 use crate::train::optim::{AdamW, clip_grad_norm, lr_at};
@@ -60,6 +61,8 @@ pub struct TrainJob<'a> {
     pub out_dir: &'a Path,
     /// Held-out items to evaluate, if any.
     pub eval: Option<&'a EvalSet>,
+    /// Tokenizer and template for answering prompts mid-run, if wanted.
+    pub chat: Option<&'a Chat<'a>>,
 }
 
 /// How a run ended.
@@ -202,15 +205,33 @@ pub fn train(
             } else {
                 commands.try_recv().ok()
             };
+            let got = cmd.is_some();
             match cmd {
                 Some(TrainCommand::Pause) => paused = true,
                 Some(TrainCommand::Resume) => paused = false,
                 Some(TrainCommand::Stop) => stop.store(true, Ordering::SeqCst),
                 Some(TrainCommand::SaveCheckpoint) => save_and_report(job, opt, &state, events)?,
                 Some(TrainCommand::EvalNow) => eval_now = true,
+                Some(TrainCommand::Generate {
+                    system,
+                    prompt,
+                    max_new_tokens,
+                }) => {
+                    let text = match job.chat {
+                        Some(chat) => chat
+                            .answer(job.model, &system, &prompt, max_new_tokens)
+                            .unwrap_or_else(|e| format!("(no answer: {e:#})")),
+                        None => "(this run cannot answer prompts)".to_string(),
+                    };
+                    events.send(TrainEvent::Generated {
+                        step: state.step,
+                        prompt,
+                        text,
+                    })?;
+                }
                 None => {}
             }
-            if stop.load(Ordering::SeqCst) || (!paused && cmd.is_none()) {
+            if stop.load(Ordering::SeqCst) || (!paused && !got) {
                 break;
             }
         }

@@ -23,6 +23,7 @@ use crate::core::mixing::{BUILTIN_VOCAB, Prepared, load_template, load_tokenizer
 use crate::core::packing::PackMode;
 use crate::core::project::Project;
 use crate::core::template::ChatTemplate;
+use crate::train::chat::Chat;
 use crate::train::device::choose_device;
 use crate::train::eval::EvalSet;
 use crate::train::export::{save_model_folder, save_peft_adapter, tensors_of};
@@ -372,6 +373,10 @@ fn run_worker(
             .iter()
             .map(|(_, t)| t.elem_count() as u64)
             .sum::<u64>();
+    let chat = Chat {
+        tokenizer: &parts.tokenizer,
+        template: &parts.template,
+    };
     let job = TrainJob {
         model: &parts.model,
         weights: &parts.trainable,
@@ -382,6 +387,7 @@ fn run_worker(
         seed: project.seed,
         out_dir: run_dir,
         eval: Some(&eval_set),
+        chat: Some(&chat),
     };
     let total_steps = planned_steps(&job);
     let mut opt = AdamW::new(parts.trainable.clone(), project.training.adamw)?;

@@ -2,10 +2,30 @@
 //! named worker threads.
 
 mod app;
+mod data_tab;
+mod jobs;
+mod mixture_tab;
+mod packing_tab;
+mod runs_tab;
+mod train_tab;
 
 use std::path::PathBuf;
 
-pub use app::StudioApp;
+pub use app::{ModelPick, StudioApp, Tab};
+
+/// Where the studio keeps what it reopens with (in eframe's storage).
+pub(crate) const STORAGE_KEY: &str = "moi-studio";
+
+/// What the studio remembers between sessions.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Persisted {
+    /// The project open when the window closed.
+    pub last_project: Option<PathBuf>,
+    /// Recently opened projects, newest first.
+    pub recent: Vec<PathBuf>,
+    /// The tab shown.
+    pub tab: Tab,
+}
 
 /// Why the studio cannot open a window here, or `None` when it can try.
 pub fn no_display_reason() -> Option<String> {
@@ -22,13 +42,15 @@ pub fn no_display_reason() -> Option<String> {
     None
 }
 
-/// Opens the studio window on `project` and runs until it is closed.
-pub fn run_studio(project: PathBuf) -> anyhow::Result<()> {
+/// Opens the studio window and runs until it is closed: on `project` when given, else on the
+/// project open last time (if it still exists), else on `fallback` (the demo).
+pub fn run_studio(project: Option<PathBuf>, fallback: PathBuf) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("MoI Studio")
-            .with_inner_size([1280.0, 800.0])
-            .with_min_inner_size([640.0, 400.0]),
+            .with_inner_size([1360.0, 880.0])
+            .with_min_inner_size([720.0, 480.0])
+            .with_drag_and_drop(true),
         ..Default::default()
     };
     eframe::run_native(
@@ -37,8 +59,27 @@ pub fn run_studio(project: PathBuf) -> anyhow::Result<()> {
         Box::new(move |cc| {
             let ctx = cc.egui_ctx.clone();
             let wake = std::sync::Arc::new(move || ctx.request_repaint());
-            Ok(Box::new(StudioApp::open(project, wake)))
+            let remembered: Option<Persisted> = cc
+                .storage
+                .and_then(|s| s.get_string(STORAGE_KEY))
+                .and_then(|t| serde_json::from_str(&t).ok());
+            let path = project
+                .or_else(|| {
+                    remembered
+                        .as_ref()
+                        .and_then(|r| r.last_project.clone())
+                        .filter(|p| p.is_file())
+                })
+                .unwrap_or(fallback);
+            let mut app = StudioApp::open(path, wake);
+            if let Some(r) = remembered {
+                app.remember(r.recent, r.tab);
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the studio window could not start: {e}"))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,300 @@
+//! The studio's background work, each on a named thread that reports through a bounded channel
+//! and wakes the UI: reading task data, tokenizing and packing for the previews, file dialogs,
+//! answering a prompt with a finished model, exporting a run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded};
+use tokenizers::Tokenizer;
+
+use crate::core::dataset::{TaskData, load_task};
+use crate::core::events::Wake;
+use crate::core::mixing::{PackingPreview, Prepared, load_template, load_tokenizer};
+use crate::core::packing::PackPlan;
+use crate::core::project::Project;
+use crate::core::sampling::MixturePreview;
+
+/// Starts a named thread; a failure to start is reported as text.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| format!("could not start the {name} thread: {e}"))
+}
+
+/// What the data worker reports.
+pub enum LoadEvent {
+    /// Progress through a task's files (0–1).
+    Progress {
+        /// Task index.
+        task: usize,
+        /// Share done.
+        fraction: f32,
+    },
+    /// A task is read.
+    Task {
+        /// Task index.
+        task: usize,
+        /// Its records and import reports.
+        data: Arc<TaskData>,
+    },
+}
+
+/// Reads the data of `tasks` (indices into the project) on the `import` thread.
+pub fn start_loading(
+    project: Project,
+    tasks: Vec<usize>,
+    wake: Wake,
+) -> Result<Receiver<LoadEvent>, String> {
+    let (tx, rx) = bounded::<LoadEvent>(64);
+    spawn("import", move || {
+        for i in tasks {
+            let Some(task) = project.tasks.get(i) else {
+                continue;
+            };
+            let sources = task.sources.len().max(1) as f32;
+            let data = load_task(&project, i, task, &mut |p| {
+                let within = p.bytes.bytes_done as f32 / p.bytes.bytes_total.max(1) as f32;
+                // Progress is advisory: when the UI is behind, skip it rather than block.
+                if tx
+                    .try_send(LoadEvent::Progress {
+                        task: i,
+                        fraction: (p.source as f32 + within) / sources,
+                    })
+                    .is_ok()
+                {
+                    wake();
+                }
+            });
+            let event = LoadEvent::Task {
+                task: i,
+                data: Arc::new(data),
+            };
+            if tx.send(event).is_err() {
+                return;
+            }
+            wake();
+        }
+    })?;
+    Ok(rx)
+}
+
+/// The project's tokenizer and every task tokenized: what the previews and token counts use.
+pub struct PrepBundle {
+    /// The tokenizer (the project's, or the built-in BPE trained on its text).
+    pub tokenizer: Tokenizer,
+    /// Tokenized tasks.
+    pub prepared: Prepared,
+}
+
+/// The previews for one state of the settings.
+pub struct PreviewResult {
+    /// The settings key it was computed for.
+    pub key: String,
+    /// The tokenization key (tasks, prompts, template, labels).
+    pub prep_key: String,
+    /// Tokenizer and tokenized tasks, or why not.
+    pub bundle: Result<Arc<PrepBundle>, String>,
+    /// Sample and token shares per task.
+    pub mixture: Option<MixturePreview>,
+    /// Packing statistics.
+    pub packing: Option<PackingPreview>,
+    /// The epoch's plan, for the pack browser.
+    pub plan: Option<Arc<PackPlan>>,
+    /// Why packing failed, when it did.
+    pub pack_error: Option<String>,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// Tokenizes (unless `cached` matches `prep_key`), samples and packs on the `preview` thread.
+pub fn start_preview(
+    project: Project,
+    data: Vec<Arc<TaskData>>,
+    cached: Option<Arc<PrepBundle>>,
+    key: String,
+    prep_key: String,
+    wake: Wake,
+) -> Result<Receiver<PreviewResult>, String> {
+    let (tx, rx) = bounded(1);
+    spawn("preview", move || {
+        let started = Instant::now();
+        let bundle = match cached {
+            Some(b) => Ok(b),
+            None => {
+                let owned: Vec<TaskData> = data.iter().map(|d| (**d).clone()).collect();
+                load_tokenizer(&project, &project.mixing, &owned)
+                    .and_then(|tokenizer| {
+                        let template = load_template(&project, &project.mixing)?;
+                        let prepared = Prepared::build(
+                            &project,
+                            &owned,
+                            &tokenizer,
+                            &template,
+                            project.mixing.labels,
+                        )?;
+                        Ok(Arc::new(PrepBundle {
+                            tokenizer,
+                            prepared,
+                        }))
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let mut result = PreviewResult {
+            key,
+            prep_key,
+            bundle,
+            mixture: None,
+            packing: None,
+            plan: None,
+            pack_error: None,
+            took: Duration::ZERO,
+        };
+        if let Ok(b) = &result.bundle {
+            let p = &b.prepared;
+            result.mixture = Some(p.mixture(project.packing.mode, &project.mixing));
+            match p.check_fits(&project.packing) {
+                Ok(()) => {
+                    result.packing = Some(PackingPreview::build(
+                        p,
+                        &project.mixing,
+                        &project.packing,
+                        project.seed,
+                        0,
+                    ));
+                    result.plan = Some(Arc::new(p.pack_epoch(
+                        &project.mixing,
+                        &project.packing,
+                        project.seed,
+                        0,
+                    )));
+                }
+                Err(e) => result.pack_error = Some(e.to_string()),
+            }
+        }
+        result.took = started.elapsed();
+        if tx.send(result).is_ok() {
+            wake();
+        }
+    })?;
+    Ok(rx)
+}
+
+/// Which file dialog, and what its answer is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialogKind {
+    /// Dataset files to import as new tasks.
+    Import,
+    /// A project to open.
+    Open,
+    /// Where to save the project.
+    SaveAs,
+    /// A Hugging Face model folder to train.
+    ModelFolder,
+    /// A GGUF file to train.
+    Gguf,
+    /// Where to export this run.
+    Export(PathBuf),
+}
+
+/// Shows a native file dialog on the `dialog` thread (so the window keeps drawing); the
+/// answer is the chosen paths (empty when cancelled).
+pub fn start_dialog(
+    kind: DialogKind,
+    start_dir: PathBuf,
+    wake: Wake,
+) -> Result<Receiver<(DialogKind, Vec<PathBuf>)>, String> {
+    let (tx, rx) = bounded(1);
+    spawn("dialog", move || {
+        let dialog = rfd::FileDialog::new().set_directory(&start_dir);
+        let paths: Vec<PathBuf> = match &kind {
+            DialogKind::Import => dialog
+                .set_title("Import datasets")
+                .add_filter(
+                    "datasets",
+                    &["jsonl", "json", "csv", "tsv", "parquet", "gz"],
+                )
+                .pick_files()
+                .unwrap_or_default(),
+            DialogKind::Open => dialog
+                .set_title("Open project")
+                .add_filter("MoI project", &["toml"])
+                .pick_file()
+                .into_iter()
+                .collect(),
+            DialogKind::SaveAs => dialog
+                .set_title("Save project as")
+                .set_file_name("project.moi.toml")
+                .save_file()
+                .into_iter()
+                .collect(),
+            DialogKind::ModelFolder => dialog
+                .set_title("Hugging Face model folder")
+                .pick_folder()
+                .into_iter()
+                .collect(),
+            DialogKind::Gguf => dialog
+                .set_title("GGUF model file")
+                .add_filter("GGUF", &["gguf"])
+                .pick_file()
+                .into_iter()
+                .collect(),
+            DialogKind::Export(_) => dialog
+                .set_title("Export the model to a folder")
+                .pick_folder()
+                .into_iter()
+                .collect(),
+        };
+        if tx.send((kind, paths)).is_ok() {
+            wake();
+        }
+    })?;
+    Ok(rx)
+}
+
+/// Loads a model folder and answers one prompt on the `try-it` thread.
+pub fn start_answer(
+    model: PathBuf,
+    system: String,
+    prompt: String,
+    max_new: usize,
+    wake: Wake,
+) -> Result<Receiver<Result<String, String>>, String> {
+    let (tx, rx) = bounded(1);
+    spawn("try-it", move || {
+        let answer = (|| -> anyhow::Result<String> {
+            let device = crate::train::device::choose_device(false);
+            let bundle = crate::train::score::load_bundle(&model, &device.device)?;
+            let template = bundle.template()?;
+            let chat = crate::train::chat::Chat {
+                tokenizer: &bundle.tokenizer,
+                template: &template,
+            };
+            chat.answer(&bundle.loaded.model, &system, &prompt, max_new)
+        })();
+        if tx.send(answer.map_err(|e| format!("{e:#}"))).is_ok() {
+            wake();
+        }
+    })?;
+    Ok(rx)
+}
+
+/// Exports a run on the `export` thread; the answer says whether an adapter came too.
+pub fn start_export(
+    run: PathBuf,
+    out: PathBuf,
+    wake: Wake,
+) -> Result<Receiver<Result<bool, String>>, String> {
+    let (tx, rx) = bounded(1);
+    spawn("export", move || {
+        let r = crate::train::export::export_run(&run, &out).map_err(|e| format!("{e:#}"));
+        if tx.send(r).is_ok() {
+            wake();
+        }
+    })?;
+    Ok(rx)
+}

@@ -1,0 +1,198 @@
+//! The Runs tab: past runs from `runs/` beside the project — their settings and final metrics —
+//! with several selectable to overlay their loss curves, a button to open a run's folder and one
+//! to export its model.
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+
+use crate::core::runs::RunHistory;
+use crate::ui::app::{StudioApp, task_color};
+use crate::ui::jobs::DialogKind;
+
+fn summary_text(summary: Option<&serde_json::Value>, key: &str) -> String {
+    match summary.and_then(|s| s.get(key)) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "—".to_string(),
+        Some(serde_json::Value::Number(n)) => n
+            .as_f64()
+            .filter(|f| f.fract() != 0.0)
+            .map_or_else(|| n.to_string(), |f| format!("{f:.4}")),
+        Some(v) => v.to_string(),
+    }
+}
+
+impl StudioApp {
+    pub(crate) fn runs_tab(&mut self, ui: &mut egui::Ui) {
+        if !self.runs_loaded {
+            self.refresh_runs();
+        }
+        ui.horizontal(|ui| {
+            ui.strong(format!(
+                "Runs in {}",
+                self.project.base_dir.join("runs").display()
+            ));
+            if ui.button("Refresh").clicked() {
+                self.refresh_runs();
+            }
+        });
+        if self.runs.is_empty() {
+            ui.label("No runs yet: start one in the Train tab.");
+            return;
+        }
+        let mut toggled = None;
+        let mut open = None;
+        let mut export = None;
+        egui::ScrollArea::vertical()
+            .id_salt("runs")
+            .max_height(240.0)
+            .show(ui, |ui| {
+                egui::Grid::new("runs_table").striped(true).show(ui, |ui| {
+                    for h in [
+                        "",
+                        "run",
+                        "model",
+                        "mode",
+                        "LoRA",
+                        "steps",
+                        "ending",
+                        "best eval loss",
+                        "",
+                    ] {
+                        ui.strong(h);
+                    }
+                    ui.end_row();
+                    for run in &self.runs {
+                        let s = run.summary.as_ref();
+                        let mut on = self.selected_runs.contains(&run.dir);
+                        if ui
+                            .checkbox(&mut on, "")
+                            .on_hover_text("Overlay its curves")
+                            .changed()
+                        {
+                            toggled = Some((run.dir.clone(), on));
+                        }
+                        ui.label(&run.id);
+                        ui.label(summary_text(s, "model"));
+                        ui.label(summary_text(s, "mode"));
+                        ui.label(summary_text(s, "lora"));
+                        ui.label(format!(
+                            "{}/{}",
+                            summary_text(s, "steps"),
+                            summary_text(s, "total_steps")
+                        ));
+                        ui.label(if s.is_some() {
+                            summary_text(s, "ending")
+                        } else {
+                            "running or cut off".to_string()
+                        });
+                        ui.label(summary_text(s, "best_eval_loss"));
+                        ui.horizontal(|ui| {
+                            if ui.button("Open folder").clicked() {
+                                open = Some(run.dir.clone());
+                            }
+                            if ui
+                                .add_enabled(
+                                    run.dir.join("model").is_dir(),
+                                    egui::Button::new("Export…"),
+                                )
+                                .clicked()
+                            {
+                                export = Some(run.dir.clone());
+                            }
+                        });
+                        ui.end_row();
+                    }
+                });
+            });
+        if let Some((dir, on)) = toggled {
+            if on {
+                if !self.run_histories.contains_key(&dir) {
+                    match RunHistory::load(&dir) {
+                        Ok((h, _)) => {
+                            self.run_histories.insert(dir.clone(), h);
+                        }
+                        Err(e) => self.status = format!("cannot read {}: {e}", dir.display()),
+                    }
+                }
+                self.selected_runs.insert(dir);
+            } else {
+                self.selected_runs.remove(&dir);
+            }
+        }
+        if let Some(dir) = open {
+            let opener = if cfg!(target_os = "macos") {
+                "open"
+            } else if cfg!(target_os = "windows") {
+                "explorer"
+            } else {
+                "xdg-open"
+            };
+            if let Err(e) = std::process::Command::new(opener).arg(&dir).spawn() {
+                self.status = format!("cannot open {}: {e}", dir.display());
+            }
+        }
+        if let Some(dir) = export {
+            self.ask(DialogKind::Export(dir));
+        }
+        ui.separator();
+        if self.selected_runs.is_empty() {
+            ui.weak("Tick runs to overlay their curves.");
+            return;
+        }
+        let width = ((ui.available_width() - 16.0) / 2.0).max(200.0);
+        let selected: Vec<_> = self.selected_runs.iter().cloned().collect();
+        ui.horizontal(|ui| {
+            for (title, id, default_prompt) in [
+                ("Training loss (smoothed)", "runs_loss", None),
+                (
+                    "Mean eval loss under the default prompt",
+                    "runs_eval",
+                    Some(true),
+                ),
+            ] {
+                ui.vertical(|ui| {
+                    ui.strong(title);
+                    Plot::new(id)
+                        .height(220.0)
+                        .width(width)
+                        .legend(Legend::default())
+                        .show(ui, |plot| {
+                            for (k, dir) in selected.iter().enumerate() {
+                                let Some(h) = self.run_histories.get(dir) else {
+                                    continue;
+                                };
+                                let name = dir
+                                    .file_name()
+                                    .map(|n| n.to_string_lossy().into_owned())
+                                    .unwrap_or_default();
+                                let points = match default_prompt {
+                                    None => h.loss.smoothed(0.9),
+                                    Some(_) => mean_default_eval(h),
+                                };
+                                plot.line(
+                                    Line::new(name, PlotPoints::from(points))
+                                        .color(task_color(k + 3))
+                                        .width(2.0),
+                                );
+                            }
+                        });
+                });
+            }
+        });
+    }
+}
+
+/// The mean over tasks of the default-prompt eval loss, per evaluated step.
+fn mean_default_eval(h: &RunHistory) -> Vec<[f64; 2]> {
+    let mut by_step: std::collections::BTreeMap<u64, (f64, usize)> = Default::default();
+    for curves in h.tasks.values() {
+        for [x, y] in curves.loss_default.points() {
+            let e = by_step.entry(x as u64).or_default();
+            e.0 += y;
+            e.1 += 1;
+        }
+    }
+    by_step
+        .into_iter()
+        .map(|(s, (sum, n))| [s as f64, sum / n as f64])
+        .collect()
+}

@@ -1,0 +1,235 @@
+//! The studio driven through its widgets (egui_kittest, no GPU, no window): import, prompt
+//! editing and saving, packing settings, training with live plots, Stop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+
+use crate::core::events::TrainEvent;
+use crate::core::packing::PackMode;
+use crate::core::project::Project;
+use crate::ui::{StudioApp, Tab};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The demo project saved into `dir` (its sources still point at the shipped data), made quick
+/// for training: short rows, few eval items, short answers.
+fn demo_copy(dir: &Path) -> PathBuf {
+    let mut p = Project::load(&root().join("presets/demo.moi.toml")).unwrap();
+    p.packing.max_seq_len = 128;
+    p.training.batch_rows = 1;
+    p.training.eval_items = 2;
+    p.training.eval_generate = 1;
+    p.training.eval_every_steps = 0;
+    for t in &mut p.tasks {
+        t.max_new_tokens = 4;
+    }
+    let path = dir.join("demo.moi.toml");
+    p.save(&path).unwrap();
+    path
+}
+
+/// A harness over the app, and the channel its workers wake it through.
+fn harness(
+    make: impl FnOnce(crate::core::events::Wake) -> StudioApp,
+) -> (Harness<'static, StudioApp>, Receiver<()>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let app = make(Arc::new(move || {
+        let _ = tx.send(());
+    }));
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1360.0, 880.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.ui_root(ui), app);
+    h.run_steps(2);
+    (h, rx)
+}
+
+/// Steps frames as workers report until `done` holds (a frame per wake; no sleeping).
+fn wait_until(
+    h: &mut Harness<'static, StudioApp>,
+    wake: &Receiver<()>,
+    what: &str,
+    done: impl Fn(&StudioApp) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !done(h.state()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wake.recv_timeout(left.min(Duration::from_secs(2))) {
+            Ok(()) => {
+                while wake.try_recv().is_ok() {}
+                h.step();
+            }
+            Err(_) => {
+                // Work that starts inside a frame (the next preview) needs one more frame.
+                h.step();
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            }
+        }
+    }
+    h.run_steps(2);
+}
+
+fn settled(app: &StudioApp) -> bool {
+    !app.is_loading() && !app.preview_pending()
+}
+
+#[test]
+fn importing_a_file_by_path_shows_its_task_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut h, wake) = harness(|w| {
+        let mut app = StudioApp::empty(w);
+        app.project_mut().base_dir = dir.path().to_path_buf();
+        app
+    });
+    h.state_mut()
+        .import_paths(&[root().join("tests/data/bad_records.jsonl")]);
+    h.step();
+    wait_until(&mut h, &wake, "the import", |a| !a.is_loading());
+    // The task list shows the new task with its counts; the report lists the rejections.
+    assert!(
+        h.query_all_by_label("bad_records").count() >= 2,
+        "task list and table"
+    );
+    h.get_by_label("3 records, 7 rejected");
+    assert_eq!(h.state().project().tasks.len(), 1);
+    h.get_by_label("Show rejected").click();
+    h.run_steps(2);
+    assert!(
+        h.query_by_label_contains("missing field \"output\"")
+            .is_some()
+    );
+}
+
+#[test]
+fn an_edited_system_prompt_is_in_the_saved_project_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    let editor = h.get_by_role_and_label(Role::MultilineTextInput, "System prompt of math");
+    editor.focus();
+    editor.type_text(" Check your arithmetic.");
+    h.run_steps(2);
+    assert!(h.state().is_dirty());
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::S);
+    h.run_steps(2);
+    let saved = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        saved.contains("give the final answer after ####. Check your arithmetic."),
+        "{saved}"
+    );
+    assert!(!h.state().is_dirty());
+    // A preset replaces the prompt; Undo brings the typed one back.
+    let typed = h.state().project().tasks[0].system_prompt.clone();
+    h.get_all_by_label("Presets")
+        .nth(1)
+        .expect("the task's presets")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("Programmer (code)").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().project().tasks[0].system_prompt,
+        "You are a programmer."
+    );
+    h.get_all_by_label("Undo")
+        .nth(1)
+        .expect("the task's undo")
+        .click();
+    h.run_steps(2);
+    assert_eq!(h.state().project().tasks[0].system_prompt, typed);
+}
+
+#[test]
+fn switching_the_packing_mode_changes_the_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    h.state_mut().set_tab(Tab::Packing);
+    // Rows long enough to hold several instructions.
+    h.state_mut().project_mut().packing.max_seq_len = 1024;
+    wait_until(&mut h, &wake, "the first preview", |a| {
+        settled(a) && a.packing_preview().is_some_and(|p| p.max_seq_len == 1024)
+    });
+    let moi = h.state().packing_preview().cloned().expect("a preview");
+    assert_eq!(moi.mode, PackMode::Moi);
+    h.get_by_label("Mode").click();
+    h.run_steps(2);
+    h.get_by_label("seq").click();
+    h.run_steps(1);
+    assert_eq!(h.state().project().packing.mode, PackMode::Seq);
+    wait_until(&mut h, &wake, "the new preview", |a| {
+        settled(a) && a.packing_preview().is_some_and(|p| p.mode == PackMode::Seq)
+    });
+    let seq = h.state().packing_preview().cloned().unwrap();
+    // One sample per row: many more rows, far more padding.
+    assert!(seq.rows > moi.rows, "{} vs {}", seq.rows, moi.rows);
+    assert!(seq.padding > moi.padding);
+    assert!(h.query_all_by_label(&seq.rows.to_string()).count() >= 1);
+}
+
+#[test]
+fn training_plots_its_loss_and_finishes_and_stop_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    h.state_mut().set_tab(Tab::Train);
+    h.state_mut().steps_override = Some(3);
+    h.run_steps(1);
+    h.get_by_label("Start").click();
+    h.run_steps(1);
+    assert!(h.state().is_training());
+    wait_until(&mut h, &wake, "the run's end", |a| {
+        a.history().ending.is_some()
+    });
+    assert_eq!(
+        h.state().history().ending,
+        Some(TrainEvent::Finished { step: 3 })
+    );
+    // Three points in the loss plot, evaluation points for every task and prompt kind.
+    assert_eq!(h.state().history().loss.points().len(), 3);
+    assert_eq!(h.state().history().latest_eval.len(), 6);
+    assert!(h.query_by_label_contains("finished · step 3/3").is_some());
+    let run = h.state().run_dir().unwrap().to_path_buf();
+    assert!(run.join("model/model.safetensors").is_file());
+
+    // A long run, stopped by the button.
+    h.state_mut().steps_override = Some(10_000);
+    h.run_steps(1);
+    h.get_by_label("Start").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "a first step", |a| a.history().step >= 1);
+    h.get_by_label("Stop").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the stop", |a| a.history().ending.is_some());
+    match &h.state().history().ending {
+        Some(TrainEvent::Stopped { step }) => assert!(*step < 10_000),
+        other => panic!("expected a stop, got {other:?}"),
+    }
+    assert!(!h.state().is_training());
+    // Both runs are listed in the Runs tab.
+    h.state_mut().set_tab(Tab::Runs);
+    h.run_steps(2);
+    assert_eq!(h.state().runs.len(), 2);
+}
+
+#[test]
+fn a_broken_project_shows_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.moi.toml");
+    std::fs::write(&path, "name = \n").unwrap();
+    let (h, _) = harness(|w| StudioApp::open(path.clone(), w));
+    assert!(
+        h.query_all_by_label_contains("bad project file")
+            .next()
+            .is_some()
+    );
+}

@@ -1,0 +1,517 @@
+//! The Train tab: model and hyperparameters, run controls with progress, live plots fed by the
+//! worker's events (loss raw and smoothed, learning rate, tokens/s, per-task eval loss and exact
+//! match under the task's prompt and the default prompt), and a "try it" box.
+
+use std::sync::OnceLock;
+
+use egui::RichText;
+use egui_plot::{Legend, Line, LineStyle, MarkerShape, Plot, PlotPoints, Points};
+
+use crate::core::events::TrainCommand;
+use crate::core::metrics::Series;
+use crate::core::runs::RunHistory;
+use crate::core::train_settings::{Decay, LoraTarget, LossNorm};
+use crate::ui::app::{ModelPick, StudioApp, task_color};
+use crate::ui::jobs::{DialogKind, start_answer};
+
+/// The device a run would use and why, found once.
+fn device_line() -> &'static str {
+    static LINE: OnceLock<String> = OnceLock::new();
+    LINE.get_or_init(|| {
+        let d = crate::train::device::choose_device(false);
+        format!("{} — {}", d.name, d.reason)
+    })
+}
+
+fn line(name: &str, points: Vec<[f64; 2]>) -> Line<'static> {
+    Line::new(name.to_string(), PlotPoints::from(points))
+}
+
+/// What a plot draws: lines, and markers for series with few points.
+enum Item {
+    Line(Line<'static>),
+    Points(Points<'static>),
+}
+
+/// Draws one small plot of named series.
+fn small_plot(ui: &mut egui::Ui, id: &str, title: &str, items: Vec<Item>, width: f32) {
+    ui.vertical(|ui| {
+        ui.set_width(width);
+        ui.strong(title);
+        Plot::new(id)
+            .height(170.0)
+            .width(width)
+            .legend(Legend::default())
+            .show(ui, |plot| {
+                for item in items {
+                    match item {
+                        Item::Line(l) => plot.line(l),
+                        Item::Points(p) => plot.points(p),
+                    }
+                }
+            });
+    });
+}
+
+/// Eval curves of every task under one metric: the task's own prompt solid, the default prompt
+/// dashed, in the task's colour.
+fn eval_lines(
+    history: &RunHistory,
+    task_names: &[String],
+    pick: impl Fn(&crate::core::runs::TaskCurves) -> (&Series, &Series),
+) -> Vec<Item> {
+    let mut out = Vec::new();
+    for (name, curves) in &history.tasks {
+        let color = task_names
+            .iter()
+            .position(|n| n == name)
+            .map_or(egui::Color32::GRAY, task_color);
+        let (own, default) = pick(curves);
+        for (series, kind, style, shape) in [
+            (own, "task prompt", LineStyle::Solid, MarkerShape::Circle),
+            (
+                default,
+                "default prompt",
+                LineStyle::dashed_loose(),
+                MarkerShape::Diamond,
+            ),
+        ] {
+            if series.is_empty() {
+                continue;
+            }
+            let name = format!("{name} · {kind}");
+            out.push(Item::Line(
+                line(&name, series.points())
+                    .color(color)
+                    .style(style)
+                    .width(2.0),
+            ));
+            out.push(Item::Points(
+                Points::new(name, PlotPoints::from(series.points()))
+                    .color(color)
+                    .shape(shape)
+                    .radius(3.5),
+            ));
+        }
+    }
+    out
+}
+
+impl StudioApp {
+    pub(crate) fn train_tab(&mut self, ui: &mut egui::Ui) {
+        egui::ScrollArea::vertical()
+            .id_salt("train")
+            .show(ui, |ui| {
+                ui.add_enabled_ui(!self.is_training(), |ui| self.train_settings(ui));
+                ui.separator();
+                self.train_controls(ui);
+                ui.separator();
+                self.train_plots(ui);
+                ui.separator();
+                self.try_it_box(ui);
+            });
+    }
+
+    fn train_settings(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal_wrapped(|ui| {
+            ui.strong("Model");
+            if ui
+                .radio(self.model == ModelPick::Tiny, "tiny (built-in)")
+                .clicked()
+            {
+                self.model = ModelPick::Tiny;
+            }
+            let folder = match &self.model {
+                ModelPick::Folder(p) => format!("folder: {}", p.display()),
+                _ => "Hugging Face folder…".to_string(),
+            };
+            if ui
+                .radio(matches!(self.model, ModelPick::Folder(_)), folder)
+                .clicked()
+            {
+                self.ask(DialogKind::ModelFolder);
+            }
+            let gguf = match &self.model {
+                ModelPick::Gguf(p) => format!("GGUF: {}", p.display()),
+                _ => "GGUF file…".to_string(),
+            };
+            if ui
+                .radio(matches!(self.model, ModelPick::Gguf(_)), gguf)
+                .clicked()
+            {
+                self.ask(DialogKind::Gguf);
+            }
+        });
+        ui.label(format!("Device: {}", device_line()));
+        let t = &mut self.project.training;
+        ui.horizontal_wrapped(|ui| {
+            let mut limit = self.steps_override.is_some();
+            ui.checkbox(&mut limit, "Stop after");
+            let mut steps = self.steps_override.unwrap_or(100);
+            let l = ui.label("steps");
+            ui.add_enabled(limit, egui::DragValue::new(&mut steps).range(1..=1_000_000))
+                .labelled_by(l.id);
+            self.steps_override = limit.then_some(steps);
+            if !limit {
+                ui.weak(format!("({} epochs)", self.project.mixing.epochs));
+            }
+            let l = ui.label("Rows per batch");
+            ui.add(egui::DragValue::new(&mut t.batch_rows).range(1..=256))
+                .labelled_by(l.id);
+            let l = ui.label("Accumulation");
+            ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=256))
+                .labelled_by(l.id);
+            let l = ui.label("Learning rate");
+            ui.add(
+                egui::DragValue::new(&mut t.lr)
+                    .speed(1e-5)
+                    .range(0.0..=1.0)
+                    .max_decimals(6),
+            )
+            .labelled_by(l.id);
+            let l = ui.label("Warm-up");
+            ui.add(egui::DragValue::new(&mut t.warmup_steps))
+                .labelled_by(l.id);
+            let l = ui.label("Decay");
+            egui::ComboBox::from_id_salt("decay")
+                .selected_text(format!("{:?}", t.decay).to_lowercase())
+                .show_ui(ui, |ui| {
+                    for d in [Decay::Cosine, Decay::Linear, Decay::Constant] {
+                        ui.selectable_value(&mut t.decay, d, format!("{d:?}").to_lowercase());
+                    }
+                })
+                .response
+                .labelled_by(l.id);
+            let l = ui.label("Loss");
+            egui::ComboBox::from_id_salt("loss_norm")
+                .selected_text(match t.loss_norm {
+                    LossNorm::TokenMean => "token mean",
+                    LossNorm::SampleMean => "sample mean (MoI v2)",
+                })
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut t.loss_norm, LossNorm::TokenMean, "token mean");
+                    ui.selectable_value(
+                        &mut t.loss_norm,
+                        LossNorm::SampleMean,
+                        "sample mean (MoI v2)",
+                    );
+                })
+                .response
+                .labelled_by(l.id);
+        });
+        ui.horizontal_wrapped(|ui| {
+            let l = ui.label("Eval every");
+            ui.add(egui::DragValue::new(&mut t.eval_every_steps))
+                .labelled_by(l.id);
+            let l = ui.label("eval items");
+            ui.add(egui::DragValue::new(&mut t.eval_items).range(1..=10_000))
+                .labelled_by(l.id);
+            let l = ui.label("generated");
+            ui.add(egui::DragValue::new(&mut t.eval_generate).range(0..=1000))
+                .labelled_by(l.id);
+            let l = ui.label("Early-stopping patience");
+            ui.add(egui::DragValue::new(&mut t.early_stopping_patience))
+                .labelled_by(l.id);
+            let l = ui.label("Checkpoint every");
+            ui.add(egui::DragValue::new(&mut t.checkpoint_every))
+                .labelled_by(l.id);
+        });
+        ui.horizontal_wrapped(|ui| {
+            ui.checkbox(&mut t.lora.enabled, "LoRA (base frozen)");
+            ui.add_enabled_ui(t.lora.enabled, |ui| {
+                let l = ui.label("rank");
+                ui.add(egui::DragValue::new(&mut t.lora.rank).range(1..=256))
+                    .labelled_by(l.id);
+                let l = ui.label("alpha");
+                ui.add(egui::DragValue::new(&mut t.lora.alpha).range(0.1..=1024.0))
+                    .labelled_by(l.id);
+                let l = ui.label("dropout");
+                ui.add(
+                    egui::DragValue::new(&mut t.lora.dropout)
+                        .speed(0.01)
+                        .range(0.0..=0.9),
+                )
+                .labelled_by(l.id);
+                for target in LoraTarget::ALL {
+                    let mut on = t.lora.targets.contains(&target);
+                    if ui.checkbox(&mut on, target.module()).changed() {
+                        if on {
+                            t.lora.targets.push(target);
+                            t.lora.targets.sort();
+                        } else if t.lora.targets.len() > 1 {
+                            t.lora.targets.retain(|x| *x != target);
+                        }
+                    }
+                }
+            });
+        });
+    }
+
+    fn train_controls(&mut self, ui: &mut egui::Ui) {
+        let training = self.is_training();
+        let paused = self.train.as_ref().is_some_and(|t| t.paused);
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(
+                    !training && !self.project.tasks.is_empty(),
+                    egui::Button::new("Start"),
+                )
+                .clicked()
+            {
+                self.start_training();
+            }
+            if paused {
+                if ui
+                    .add_enabled(training, egui::Button::new("Resume"))
+                    .clicked()
+                {
+                    self.command(TrainCommand::Resume);
+                }
+            } else if ui
+                .add_enabled(training, egui::Button::new("Pause"))
+                .clicked()
+            {
+                self.command(TrainCommand::Pause);
+            }
+            if ui
+                .add_enabled(training, egui::Button::new("Stop"))
+                .clicked()
+            {
+                self.command(TrainCommand::Stop);
+            }
+            if ui
+                .add_enabled(training, egui::Button::new("Save checkpoint"))
+                .clicked()
+            {
+                self.command(TrainCommand::SaveCheckpoint);
+            }
+            if ui
+                .add_enabled(training, egui::Button::new("Eval now"))
+                .clicked()
+            {
+                self.command(TrainCommand::EvalNow);
+            }
+        });
+        let h = &self.history;
+        let total = h.total_steps.unwrap_or(0);
+        let state = match &h.ending {
+            Some(crate::core::events::TrainEvent::Finished { .. }) => "finished",
+            Some(crate::core::events::TrainEvent::Stopped { .. }) => "stopped",
+            Some(crate::core::events::TrainEvent::Failed { .. }) => "failed",
+            _ if paused => "paused",
+            _ if training => "training",
+            _ => "idle",
+        };
+        let tps = h.tokens_per_sec.last().map_or(0.0, |p| p[1]);
+        let eta = h
+            .eta_s()
+            .map_or(String::new(), |s| format!(" · ETA {}", fmt_secs(s)));
+        let text = format!(
+            "{state} · step {}/{} · {:.0} tokens/s · {} elapsed{eta}",
+            h.step,
+            total,
+            tps,
+            fmt_secs(h.elapsed_s)
+        );
+        ui.add(
+            egui::ProgressBar::new(if total > 0 {
+                h.step as f32 / total as f32
+            } else {
+                0.0
+            })
+            .text(text),
+        );
+        if let Some(crate::core::events::TrainEvent::Failed { error }) = &h.ending {
+            ui.colored_label(ui.visuals().error_fg_color, error);
+        }
+        if let Some(dir) = self.run_dir() {
+            ui.weak(format!("run folder: {}", dir.display()));
+        }
+    }
+
+    fn train_plots(&mut self, ui: &mut egui::Ui) {
+        let h = &self.history;
+        let width = ((ui.available_width() - 24.0) / 3.0).max(160.0);
+        ui.horizontal(|ui| {
+            small_plot(
+                ui,
+                "loss",
+                "Training loss",
+                vec![
+                    Item::Line(line("raw", h.loss.points()).color(egui::Color32::from_gray(150))),
+                    Item::Line(
+                        line("smoothed", h.loss.smoothed(0.9))
+                            .color(egui::Color32::from_rgb(86, 156, 214))
+                            .width(2.0),
+                    ),
+                ],
+                width,
+            );
+            small_plot(
+                ui,
+                "lr",
+                "Learning rate",
+                vec![Item::Line(line("lr", h.lr.points()))],
+                width,
+            );
+            small_plot(
+                ui,
+                "tps",
+                "Tokens/s",
+                vec![Item::Line(line("tokens/s", h.tokens_per_sec.points()))],
+                width,
+            );
+        });
+        let names: Vec<String> = self.project.tasks.iter().map(|t| t.name.clone()).collect();
+        let width2 = ((ui.available_width() - 16.0) / 2.0).max(200.0);
+        ui.horizontal(|ui| {
+            small_plot(
+                ui,
+                "eval_loss",
+                "Eval loss per task (solid: task prompt, dashed: default prompt)",
+                eval_lines(h, &names, |c| (&c.loss_task, &c.loss_default)),
+                width2,
+            );
+            small_plot(
+                ui,
+                "exact",
+                "Exact match per task",
+                eval_lines(h, &names, |c| (&c.exact_task, &c.exact_default)),
+                width2,
+            );
+        });
+        if !h.latest_eval.is_empty() {
+            egui::CollapsingHeader::new("Latest evaluation")
+                .default_open(false)
+                .show(ui, |ui| {
+                    egui::Grid::new("latest_eval").striped(true).show(ui, |ui| {
+                        for head in [
+                            "task",
+                            "prompt",
+                            "loss",
+                            "perplexity",
+                            "accuracy",
+                            "exact match",
+                        ] {
+                            ui.strong(head);
+                        }
+                        ui.end_row();
+                        for m in &h.latest_eval {
+                            ui.label(&m.task);
+                            ui.label(m.prompt.label());
+                            ui.label(format!("{:.4}", m.loss));
+                            ui.label(format!("{:.2}", m.perplexity));
+                            ui.label(format!("{:.1} %", m.accuracy * 100.0));
+                            ui.label(m.exact_match.map_or("-".into(), |x| {
+                                format!("{:.1} % of {}", x * 100.0, m.generated)
+                            }));
+                            ui.end_row();
+                        }
+                    });
+                });
+        }
+    }
+
+    fn try_it_box(&mut self, ui: &mut egui::Ui) {
+        ui.strong("Try it");
+        let training = self.is_training();
+        let finished_model = self
+            .run_dir()
+            .map(|d| d.join("model"))
+            .filter(|m| m.join("config.json").is_file());
+        ui.horizontal(|ui| {
+            let l = ui.label("System prompt");
+            let selected = match self.try_it.system {
+                None => "default".to_string(),
+                Some(i) => self
+                    .project
+                    .tasks
+                    .get(i)
+                    .map_or("default".into(), |t| t.name.clone()),
+            };
+            egui::ComboBox::from_id_salt("tryit_system")
+                .selected_text(selected)
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.try_it.system, None, "default");
+                    for (i, t) in self.project.tasks.iter().enumerate() {
+                        ui.selectable_value(&mut self.try_it.system, Some(i), &t.name);
+                    }
+                })
+                .response
+                .labelled_by(l.id);
+            let l = ui.label("max tokens");
+            ui.add(egui::DragValue::new(&mut self.try_it.max_new).range(1..=2048))
+                .labelled_by(l.id);
+        });
+        let l = ui.label("Prompt");
+        ui.add(
+            egui::TextEdit::multiline(&mut self.try_it.prompt)
+                .desired_rows(2)
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(l.id);
+        let busy = self.try_it.job.is_some() || self.try_it.asked_trainer;
+        let can = training || finished_model.is_some();
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(can && !busy, egui::Button::new("Generate"))
+                .clicked()
+            {
+                let system = match self.try_it.system {
+                    Some(i) => self.project.tasks.get(i).map(|t| t.system_prompt.clone()),
+                    None => None,
+                }
+                .unwrap_or_else(|| self.project.default_system_prompt.clone());
+                if training {
+                    self.try_it.asked_trainer = true;
+                    self.try_it.answer = "(waiting for the next step)".into();
+                    self.command(TrainCommand::Generate {
+                        system,
+                        prompt: self.try_it.prompt.clone(),
+                        max_new_tokens: self.try_it.max_new,
+                    });
+                } else if let Some(model) = finished_model.clone() {
+                    match start_answer(
+                        model,
+                        system,
+                        self.try_it.prompt.clone(),
+                        self.try_it.max_new,
+                        self.wake.clone(),
+                    ) {
+                        Ok(rx) => {
+                            self.try_it.job = Some(rx);
+                            self.try_it.answer = "(loading the model)".into();
+                        }
+                        Err(e) => self.try_it.answer = e,
+                    }
+                }
+            }
+            if busy {
+                ui.spinner();
+            }
+            if !can {
+                ui.weak("Start a run: the answer comes from its current weights.");
+            } else if training {
+                ui.weak("answers with the weights of the running step");
+            } else {
+                ui.weak("answers with the last run's model");
+            }
+        });
+        if !self.try_it.answer.is_empty() {
+            egui::Frame::group(ui.style()).show(ui, |ui| {
+                ui.set_width(ui.available_width());
+                ui.label(RichText::new(&self.try_it.answer).monospace());
+            });
+        }
+    }
+}
+
+/// Seconds as `1h 02m`, `3m 05s` or `12s`.
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
