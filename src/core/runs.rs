@@ -133,8 +133,16 @@ pub struct RunEntry {
     pub dir: PathBuf,
     /// The folder name (time and a random part).
     pub id: String,
-    /// `summary.json`, when the run wrote one.
+    /// `summary.json`, when the run wrote one (it does when it ends).
     pub summary: Option<serde_json::Value>,
+    /// `run.json`, written when it starts (the model and whether it is LoRA).
+    pub info: Option<serde_json::Value>,
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
 }
 
 /// The run folders in `runs_dir`, newest first.
@@ -151,9 +159,8 @@ pub fn list_runs(runs_dir: &Path) -> Vec<RunEntry> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            summary: std::fs::read_to_string(dir.join("summary.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok()),
+            summary: read_json(&dir.join("summary.json")),
+            info: read_json(&dir.join("run.json")),
             dir,
         })
         .collect();

@@ -978,6 +978,26 @@ impl eframe::App for StudioApp {
         self.ui_root(ui);
     }
 
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        // A run going on is stopped cleanly: checkpoint and model folder written.
+        if let Some(TrainState {
+            handle: Some(h), ..
+        }) = &mut self.train
+        {
+            h.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = h.commands.try_send(TrainCommand::Stop);
+        }
+        if let Some(h) = self.train.as_mut().and_then(|t| t.handle.take()) {
+            // Keep taking events so the worker never waits on a full channel.
+            while let Ok(event) = h.events.recv() {
+                if event.is_terminal() {
+                    break;
+                }
+            }
+            h.join();
+        }
+    }
+
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         let state = crate::ui::Persisted {
             last_project: self.path.clone(),

@@ -61,7 +61,9 @@ impl StudioApp {
                     }
                     ui.end_row();
                     for run in &self.runs {
-                        let s = run.summary.as_ref();
+                        // A run without a summary is going on, or was cut off: what it
+                        // recorded when it started still says what it is.
+                        let s = run.summary.as_ref().or(run.info.as_ref());
                         let mut on = self.selected_runs.contains(&run.dir);
                         if ui
                             .checkbox(&mut on, "")
@@ -79,7 +81,7 @@ impl StudioApp {
                             summary_text(s, "steps"),
                             summary_text(s, "total_steps")
                         ));
-                        ui.label(if s.is_some() {
+                        ui.label(if run.summary.is_some() {
                             summary_text(s, "ending")
                         } else {
                             "running or cut off".to_string()
