@@ -39,6 +39,8 @@ pub struct RunHistory {
     pub total_steps: Option<u64>,
     /// The last step reported.
     pub step: u64,
+    /// The epoch at the last step (fractional).
+    pub epoch: f64,
     /// Seconds since the start, at the last step.
     pub elapsed_s: f64,
     /// The device it ran on.
@@ -67,6 +69,7 @@ impl RunHistory {
                 self.lr.push(x, m.lr);
                 self.tokens_per_sec.push(x, m.tokens_per_sec);
                 self.step = m.step;
+                self.epoch = m.epoch;
                 self.elapsed_s = m.elapsed_s;
             }
             TrainEvent::Eval(e) => {

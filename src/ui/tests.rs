@@ -197,7 +197,10 @@ fn training_plots_its_loss_and_finishes_and_stop_stops() {
     // Three points in the loss plot, evaluation points for every task and prompt kind.
     assert_eq!(h.state().history().loss.points().len(), 3);
     assert_eq!(h.state().history().latest_eval.len(), 6);
-    assert!(h.query_by_label_contains("finished · step 3/3").is_some());
+    assert!(
+        h.query_by_label_contains("finished · step 3/3 · epoch")
+            .is_some()
+    );
     let run = h.state().run_dir().unwrap().to_path_buf();
     assert!(run.join("model/model.safetensors").is_file());
 

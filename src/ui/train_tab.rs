@@ -307,9 +307,10 @@ impl StudioApp {
             .eta_s()
             .map_or(String::new(), |s| format!(" · ETA {}", fmt_secs(s)));
         let text = format!(
-            "{state} · step {}/{} · {:.0} tokens/s · {} elapsed{eta}",
+            "{state} · step {}/{} · epoch {:.2} · {:.0} tokens/s · {} elapsed{eta}",
             h.step,
             total,
+            h.epoch,
             tps,
             fmt_secs(h.elapsed_s)
         );
