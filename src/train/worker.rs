@@ -429,10 +429,15 @@ fn run_worker(
     let lora = &project.training.lora;
     let trained = tensors_of(&parts.trainable);
     let weights = if lora.enabled {
-        // The adapter needs its base on disk: the built-in model's seeded weights are written
-        // beside it.
+        // The adapter needs a base PEFT can load: the built-in model's seeded weights, or a
+        // GGUF's dequantized weights, are written beside it as a Hugging Face folder.
+        let is_gguf = |p: &Path| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        };
         let base_path = match &spec.model {
-            ModelChoice::Tiny => {
+            ModelChoice::Path(p) if !is_gguf(p) => p.clone(),
+            _ => {
                 let dir = run_dir.join("base");
                 save_model_folder(
                     &dir,
@@ -444,7 +449,6 @@ fn run_worker(
                 )?;
                 dir
             }
-            ModelChoice::Path(p) => p.clone(),
         };
         let base_path = std::path::absolute(&base_path).unwrap_or(base_path);
         save_peft_adapter(

@@ -180,6 +180,8 @@ pub struct StudioApp {
     pub(crate) status: String,
     pub(crate) recent: Vec<PathBuf>,
     pub(crate) undo: HashMap<String, Undo>,
+    pub(crate) import_path: String,
+    pub(crate) model_path: String,
     pub(crate) record_index: usize,
     pub(crate) report_open: Option<(usize, usize)>,
     /// Time spent in the last frame's `ui_root`, for the frame-time measurement.
@@ -229,6 +231,8 @@ impl StudioApp {
             status: String::new(),
             recent: Vec::new(),
             undo: HashMap::new(),
+            import_path: String::new(),
+            model_path: String::new(),
             record_index: 0,
             report_open: None,
             last_frame: Duration::ZERO,
@@ -472,6 +476,9 @@ impl StudioApp {
 
     fn on_dialog(&mut self, kind: DialogKind, paths: Vec<PathBuf>) {
         let Some(first) = paths.first().cloned() else {
+            self.status = "nothing chosen (if no dialog appeared, this desktop lacks \
+                           xdg-desktop-portal and zenity: type the path instead)"
+                .to_string();
             return;
         };
         match kind {

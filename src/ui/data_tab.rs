@@ -74,6 +74,25 @@ pub(crate) fn prompt_editor(
 impl StudioApp {
     pub(crate) fn data_tab(&mut self, ui: &mut egui::Ui) {
         egui::ScrollArea::vertical().id_salt("data").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                if ui.button("Import dataset…").clicked() {
+                    self.ask(crate::ui::jobs::DialogKind::Import);
+                }
+                let l = ui.label("or a path:");
+                let edit = ui
+                    .add(egui::TextEdit::singleline(&mut self.import_path).desired_width(360.0))
+                    .labelled_by(l.id);
+                let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                if (ui.button("Import").clicked() || enter) && !self.import_path.trim().is_empty() {
+                    let path = std::path::PathBuf::from(self.import_path.trim());
+                    if path.exists() {
+                        self.import_paths(&[path]);
+                        self.import_path.clear();
+                    } else {
+                        self.status = format!("no such file: {}", path.display());
+                    }
+                }
+            });
             self.task_table(ui);
             ui.add_space(8.0);
             let mut undo = self.undo.remove("default").unwrap_or_default();

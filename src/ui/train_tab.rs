@@ -141,6 +141,19 @@ impl StudioApp {
             {
                 self.ask(DialogKind::Gguf);
             }
+            let l = ui.label("or a path:");
+            ui.add(egui::TextEdit::singleline(&mut self.model_path).desired_width(240.0))
+                .labelled_by(l.id);
+            if ui.button("Use").clicked() && !self.model_path.trim().is_empty() {
+                let p = std::path::PathBuf::from(self.model_path.trim());
+                if p.is_dir() {
+                    self.model = ModelPick::Folder(p);
+                } else if p.is_file() {
+                    self.model = ModelPick::Gguf(p);
+                } else {
+                    self.status = format!("no such model: {}", p.display());
+                }
+            }
         });
         ui.label(format!("Device: {}", device_line()));
         let t = &mut self.project.training;
