@@ -46,6 +46,9 @@ fn big_project(dir: &Path, n: usize) -> PathBuf {
         task.eval_fraction = 0.01;
         project.tasks.push(task);
     }
+    // The default row length: the pack browser shows 2,048 token chips (training cuts rows to
+    // the tiny model's 512 positions).
+    project.packing.max_seq_len = 2048;
     project.training.eval_every_steps = 10;
     project.training.eval_items = 8;
     project.training.eval_generate = 2;

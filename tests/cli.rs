@@ -316,9 +316,17 @@ fn train_eval_export_and_resume_from_the_command_line() {
         "README.md",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
+        "base/model.safetensors",
     ] {
         assert!(export.join(f).is_file(), "{f} missing");
     }
+    // The adapter names the base copied beside it, not the run folder.
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(export.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let base = PathBuf::from(adapter["base_model_name_or_path"].as_str().unwrap());
+    assert!(base.ends_with("export/base"), "{}", base.display());
     let tok_config: Value = serde_json::from_str(
         &std::fs::read_to_string(export.join("tokenizer_config.json")).unwrap(),
     )

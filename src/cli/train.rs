@@ -80,9 +80,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
         (None, None) => anyhow::bail!("give a project file or --resume RUN_DIR"),
     };
     let handle = spawn_run(spec, Arc::new(|| {}))?;
-    // Ctrl-C asks the worker to stop after a checkpoint; a second one is left to the default.
+    // Ctrl-C asks the worker to stop after a checkpoint; a second one quits at once.
     let stop = handle.stop.clone();
-    let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("interrupted again: quitting without waiting for the checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("stopping after the current step (Ctrl-C again to quit at once)");
+    });
     if !args.json {
         eprintln!("run folder: {}", handle.run_dir.display());
     }
@@ -98,7 +104,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
         }
         bar
     });
-    let mut code = 0;
+    // Without a terminal event the worker died unexpectedly: that is a failure.
+    let mut code = 1;
     while let Ok(event) = handle.events.recv() {
         if args.json {
             println!("{}", serde_json::to_string(&event)?);
@@ -152,9 +159,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
                 TrainEvent::Failed { error } => say(bar, format!("failed: {error}")),
             }
         }
-        if let TrainEvent::Failed { .. } = event {
-            code = 1;
-        }
+        code = match event {
+            TrainEvent::Failed { .. } => 1,
+            TrainEvent::Finished { .. } | TrainEvent::Stopped { .. } => 0,
+            _ => code,
+        };
         if event.is_terminal() {
             break;
         }

@@ -200,6 +200,22 @@ pub fn export_run(run: &Path, out: &Path) -> anyhow::Result<bool> {
     let has_adapter = ADAPTER_FILES.iter().all(|f| adapter.join(f).is_file());
     if has_adapter {
         copy_files(&adapter, &out.join("adapter"), &ADAPTER_FILES)?;
+        // A base the run wrote (built-in or GGUF model) goes along, and the adapter points at
+        // the copy, so the export does not depend on the run folder.
+        let base = run.join("base");
+        if MODEL_FILES.iter().all(|f| base.join(f).is_file()) {
+            let out_base = out.join("base");
+            copy_files(&base, &out_base, &MODEL_FILES)?;
+            let config_path = out.join("adapter").join("adapter_config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+            let abs = std::path::absolute(&out_base).unwrap_or(out_base);
+            config["base_model_name_or_path"] = json!(abs.display().to_string());
+            write_atomic(
+                &config_path,
+                serde_json::to_string_pretty(&config)?.as_bytes(),
+            )?;
+        }
     }
     write_atomic(&out.join("README.md"), readme(run, has_adapter).as_bytes())?;
     Ok(has_adapter)

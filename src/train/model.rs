@@ -6,7 +6,10 @@
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, Var};
 use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
-use rand::SeedableRng;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -106,6 +109,29 @@ impl KvCache {
     }
 }
 
+/// The source of LoRA dropout masks: seeded, so a run (and its resume) draws the same masks.
+/// The trainer sets the seed before each micro-batch; each adapter call then takes the next
+/// stream, in the fixed order the layers run.
+#[derive(Debug, Default)]
+pub struct DropoutRng {
+    seed: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl DropoutRng {
+    /// A keep-mask scaled by 1 / (1 − p), shaped like `x`.
+    fn mask(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let seed = self.seed.load(Ordering::Relaxed) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let keep = 1.0 / (1.0 - p);
+        let values: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        Tensor::from_vec(values, x.dims(), x.device())?.to_dtype(x.dtype())
+    }
+}
+
 /// A low-rank adapter on a linear layer: adds `scale · B A dropout(x)`.
 #[derive(Debug, Clone)]
 struct LoraAdapter {
@@ -115,6 +141,7 @@ struct LoraAdapter {
     b: Tensor,
     scale: f64,
     dropout: f32,
+    rng: Arc<DropoutRng>,
 }
 
 /// A linear layer, optionally with a LoRA adapter.
@@ -131,7 +158,7 @@ impl Proj {
             return Ok(y);
         };
         let x = if train && l.dropout > 0.0 {
-            candle_nn::ops::dropout(x, l.dropout)?
+            (x * l.rng.mask(x, l.dropout)?)?
         } else {
             x.clone()
         };
@@ -145,6 +172,7 @@ impl Proj {
 struct LoraSource<'a> {
     settings: &'a LoraSettings,
     vb: VarBuilder<'a>,
+    rng: Arc<DropoutRng>,
 }
 
 /// Builds a linear layer named by `vb`'s prefix; it gets an adapter when `lora` targets it.
@@ -171,6 +199,7 @@ fn linear(
                 b: lb.get((out, r), "lora_B.weight")?,
                 scale: src.settings.scale(),
                 dropout: src.settings.dropout as f32,
+                rng: src.rng.clone(),
             })
         }
         _ => None,
@@ -314,6 +343,7 @@ pub struct Decoder {
     /// Its configuration.
     pub config: ModelConfig,
     device: Device,
+    dropout: Arc<DropoutRng>,
 }
 
 impl Decoder {
@@ -334,8 +364,16 @@ impl Decoder {
         let source = LoraSource {
             settings,
             vb: lora_vb,
+            rng: Arc::new(DropoutRng::default()),
         };
         Self::build(config, vb, Some(&source))
+    }
+
+    /// Seeds the dropout masks of the next forward pass (LoRA only; the trainer calls it before
+    /// every micro-batch so that resuming draws the same masks).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.dropout.seed.store(seed, Ordering::Relaxed);
+        self.dropout.calls.store(0, Ordering::Relaxed);
     }
 
     fn build(config: &ModelConfig, vb: VarBuilder, lora: Option<&LoraSource>) -> Result<Self> {
@@ -372,7 +410,9 @@ impl Decoder {
         };
         let lm_head = Linear::new(lm_head, None);
         let rotary = Rotary::new(cfg, vb.dtype(), vb.device())?;
+        let dropout = lora.map(|l| l.rng.clone()).unwrap_or_default();
         Ok(Self {
+            dropout,
             embed,
             layers,
             norm,

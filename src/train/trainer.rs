@@ -211,6 +211,9 @@ pub fn train(
                 Some(TrainCommand::Resume) => paused = false,
                 Some(TrainCommand::Stop) => stop.store(true, Ordering::SeqCst),
                 Some(TrainCommand::SaveCheckpoint) => save_and_report(job, opt, &state, events)?,
+                Some(TrainCommand::EvalNow) if paused => {
+                    run_eval(job, &mut state, events, stop)?;
+                }
                 Some(TrainCommand::EvalNow) => eval_now = true,
                 Some(TrainCommand::Generate {
                     system,
@@ -247,14 +250,23 @@ pub fn train(
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
         let mut grads_acc: Option<candle_core::backprop::GradStore> = None;
-        let accum = job.train.grad_accum.max(1);
-        for _ in 0..accum {
+        if state.row >= plan.rows.len() {
+            // A step never straddles two epochs, so the planned step count holds.
+            state.epoch = (state.epoch + 1) % epochs;
+            state.row = 0;
+            plan = job
+                .prepared
+                .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+        }
+        // Micro-batches in this step: fewer at the end of an epoch; the loss is their mean.
+        let accum = job
+            .train
+            .grad_accum
+            .max(1)
+            .min((plan.rows.len() - state.row).div_ceil(per_step).max(1));
+        for micro in 0..accum {
             if state.row >= plan.rows.len() {
-                state.epoch = (state.epoch + 1) % epochs;
-                state.row = 0;
-                plan = job
-                    .prepared
-                    .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+                break;
             }
             let end = (state.row + per_step).min(plan.rows.len());
             let rows: Vec<_> = (state.row..end)
@@ -262,6 +274,8 @@ pub fn train(
                 .collect();
             state.row = end;
             let batch = make_batch(&rows, job.train.loss_norm, &device)?;
+            job.model
+                .set_dropout_seed(job.seed ^ (state.step << 16) ^ micro as u64);
             tokens += batch.tokens;
             let loss = (batch_loss(job.model, &batch)? / accum as f64)?;
             let value = f64::from(loss.to_scalar::<f32>()?);

@@ -170,11 +170,24 @@ pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
     let thread = std::thread::Builder::new()
         .name("trainer".to_string())
         .spawn(move || {
-            let result = run_worker(&spec, &dir, &mut events, &cmd_rx, &worker_stop);
+            // A panic inside candle or our code still ends the run with a message.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_worker(&spec, &dir, &mut events, &cmd_rx, &worker_stop)
+            }));
             let last = match result {
-                Ok(e) => e,
-                Err(e) => TrainEvent::Failed {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => TrainEvent::Failed {
                     error: format!("{e:#}"),
+                },
+                Err(panic) => TrainEvent::Failed {
+                    error: format!(
+                        "internal error: {}",
+                        panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("the trainer panicked")
+                    ),
                 },
             };
             let _ = events.send(last);
@@ -213,6 +226,7 @@ struct Parts {
 /// adapters are variables.
 fn build_parts(
     spec: &RunSpec,
+    run_dir: &Path,
     project: &Project,
     data: &[TaskData],
     device: &Device,
@@ -220,11 +234,28 @@ fn build_parts(
 ) -> anyhow::Result<Parts> {
     let (config, weights, tokenizer, template) = match &spec.model {
         ModelChoice::Tiny => {
-            log(
-                events,
-                format!("training the built-in tokenizer ({BUILTIN_VOCAB} tokens)"),
-            );
-            let tokenizer = load_tokenizer(project, &project.mixing, data)?;
+            // The run keeps the tokenizer it trained, so a resume reads the same token ids even
+            // when the data has changed since.
+            let saved = run_dir.join("tokenizer.json");
+            let tokenizer = if spec.resume.is_some() && saved.is_file() {
+                log(
+                    events,
+                    format!("reading the run's tokenizer {}", saved.display()),
+                );
+                tokenizers::Tokenizer::from_file(&saved)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", saved.display()))?
+            } else {
+                log(
+                    events,
+                    format!("training the built-in tokenizer ({BUILTIN_VOCAB} tokens)"),
+                );
+                let tokenizer = load_tokenizer(project, &project.mixing, data)?;
+                let text = tokenizer
+                    .to_string(false)
+                    .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+                write_atomic(&saved, text.as_bytes())?;
+                tokenizer
+            };
             let config = tiny_config(tokenizer.get_vocab_size(true))?;
             let weights = named_vars(&init_weights(&config, project.seed, device)?);
             let template = load_template(project, &project.mixing)?;
@@ -332,7 +363,7 @@ fn run_worker(
         anyhow::bail!("the project has no records to train on");
     }
     let device = choose_device(spec.force_cpu);
-    let parts = build_parts(spec, &project, &data, &device.device, events)?;
+    let parts = build_parts(spec, run_dir, &project, &data, &device.device, events)?;
     let config = &parts.config;
 
     log(events, "tokenizing");
@@ -469,6 +500,10 @@ fn run_worker(
         &parts.template.source,
         &parts.eos,
     )?;
+    // The run's own record of what it reported, for the final numbers.
+    let history = crate::core::runs::RunHistory::load(run_dir)
+        .map(|(h, _)| h)
+        .unwrap_or_default();
     let summary = json!({
         "ending": match ending {
             Ending::Finished => "finished",
@@ -484,6 +519,10 @@ fn run_worker(
         "model": match &spec.model { ModelChoice::Tiny => "tiny".to_string(), ModelChoice::Path(p) => p.display().to_string() },
         "mode": pack.mode,
         "best_eval_loss": state.best_eval,
+        "final_loss": history.loss.last().map(|p| p[1]),
+        "final_eval": history.latest_eval,
+        "training": project.training,
+        "packing": pack,
     });
     write_atomic(
         &run_dir.join("summary.json"),

@@ -83,6 +83,9 @@ pub struct PreviewState {
     pub packing: Option<PackingPreview>,
     /// The epoch's plan.
     pub plan: Option<Arc<PackPlan>>,
+    /// The packing settings of that plan (the browser builds rows with these, not with
+    /// settings changed since).
+    pub pack: crate::core::packing::PackSettings,
     /// Why the last preview failed.
     pub error: Option<String>,
     /// How long the last one took.
@@ -154,6 +157,9 @@ pub struct Undo {
     pub before: Option<String>,
 }
 
+/// A past run's history read on a worker, or why it could not be.
+pub(crate) type LoadedHistory = (PathBuf, Result<RunHistory, String>);
+
 /// The studio application state.
 pub struct StudioApp {
     pub(crate) wake: Wake,
@@ -165,6 +171,8 @@ pub struct StudioApp {
     pub(crate) selected_task: usize,
     pub(crate) data: Vec<Option<Arc<TaskData>>>,
     pub(crate) loading: Option<(Receiver<LoadEvent>, usize, f32)>,
+    /// Bumped whenever task indices change; results of older loads are ignored.
+    pub(crate) load_generation: u64,
     pub(crate) preview: PreviewState,
     pub(crate) train: Option<TrainState>,
     pub(crate) history: RunHistory,
@@ -175,6 +183,11 @@ pub struct StudioApp {
     pub(crate) runs_loaded: bool,
     pub(crate) selected_runs: BTreeSet<PathBuf>,
     pub(crate) run_histories: HashMap<PathBuf, RunHistory>,
+    /// Past runs' histories read on the `runs` thread.
+    pub(crate) history_channel: (
+        crossbeam_channel::Sender<LoadedHistory>,
+        Receiver<LoadedHistory>,
+    ),
     pub(crate) export_job: Option<Receiver<Result<bool, String>>>,
     pub(crate) dialog: Option<Receiver<(DialogKind, Vec<PathBuf>)>>,
     pub(crate) status: String,
@@ -209,6 +222,7 @@ impl StudioApp {
             selected_task: 0,
             data: Vec::new(),
             loading: None,
+            load_generation: 0,
             preview: PreviewState::default(),
             train: None,
             history: RunHistory::default(),
@@ -226,6 +240,7 @@ impl StudioApp {
             runs_loaded: false,
             selected_runs: BTreeSet::new(),
             run_histories: HashMap::new(),
+            history_channel: crossbeam_channel::bounded(64),
             export_job: None,
             dialog: None,
             status: String::new(),
@@ -242,6 +257,10 @@ impl StudioApp {
     /// Replaces the open project with the one at `path` (a message on failure; the current
     /// project stays).
     pub fn open_project(&mut self, path: PathBuf) {
+        if self.is_training() {
+            self.status = "stop the run before opening another project".to_string();
+            return;
+        }
         match Project::load(&path) {
             Ok(project) => {
                 self.saved_toml = project.to_toml();
@@ -356,6 +375,7 @@ impl StudioApp {
 
     /// Reads every task's data again.
     pub fn reload_all_data(&mut self) {
+        self.load_generation += 1;
         self.data = vec![None; self.project.tasks.len()];
         let all = (0..self.project.tasks.len()).collect();
         self.load_tasks(all);
@@ -371,7 +391,12 @@ impl StudioApp {
                 *slot = None;
             }
         }
-        match start_loading(self.project.clone(), tasks, self.wake.clone()) {
+        match start_loading(
+            self.project.clone(),
+            tasks,
+            self.load_generation,
+            self.wake.clone(),
+        ) {
             Ok(rx) => self.loading = Some((rx, 0, 0.0)),
             Err(e) => self.status = e,
         }
@@ -426,11 +451,16 @@ impl StudioApp {
         if i < self.project.tasks.len() {
             let name = self.project.tasks.remove(i).name;
             self.data.remove(i);
+            // Indices moved: per-task state and loads in flight no longer fit.
+            self.load_generation += 1;
+            self.undo.retain(|k, _| !k.starts_with("task-"));
+            self.report_open = None;
+            self.try_it.system = None;
+            self.record_index = 0;
             self.selected_task = self
                 .selected_task
                 .min(self.project.tasks.len().saturating_sub(1));
             self.status = format!("removed task {name}");
-            // Indices moved: read what is missing again.
             let pending: Vec<usize> = (0..self.data.len())
                 .filter(|&j| self.data[j].is_none())
                 .collect();
@@ -592,8 +622,12 @@ impl StudioApp {
                             (*t, *f) = (task, fraction);
                         }
                     }
-                    LoadEvent::Task { task, data } => {
-                        if data.name == self.project.tasks.get(task).map_or("", |t| &t.name)
+                    LoadEvent::Task {
+                        task,
+                        data,
+                        generation,
+                    } => {
+                        if generation == self.load_generation
                             && let Some(slot) = self.data.get_mut(task)
                         {
                             let rejected = data.rejected();
@@ -633,6 +667,7 @@ impl StudioApp {
             self.preview.mixture = r.mixture;
             self.preview.packing = r.packing;
             self.preview.plan = r.plan;
+            self.preview.pack = r.pack;
             self.preview.chips = None;
             if let Some(plan) = &self.preview.plan {
                 self.preview.row = self.preview.row.min(plan.rows.len().saturating_sub(1));
@@ -660,6 +695,17 @@ impl StudioApp {
         {
             self.try_it.job = None;
             self.try_it.answer = r.unwrap_or_else(|e| format!("(no answer: {e})"));
+        }
+        while let Ok((dir, h)) = self.history_channel.1.try_recv() {
+            match h {
+                Ok(h) => {
+                    self.run_histories.insert(dir, h);
+                }
+                Err(e) => {
+                    self.selected_runs.remove(&dir);
+                    self.status = e;
+                }
+            }
         }
         // Training: every event is taken in; steps arrive merged when the UI was slow.
         self.drain_training(deadline);
@@ -746,27 +792,31 @@ impl StudioApp {
         }
     }
 
-    /// Sends a command to the running trainer.
-    pub fn command(&mut self, command: TrainCommand) {
+    /// Sends a command to the running trainer; whether it was taken.
+    pub fn command(&mut self, command: TrainCommand) -> bool {
         if let Some(TrainState {
             handle: Some(h),
             paused,
             ..
         }) = &mut self.train
         {
-            match &command {
-                TrainCommand::Pause => *paused = true,
-                TrainCommand::Resume => *paused = false,
-                TrainCommand::Stop => {
-                    // A paused worker waits for commands; the flag alone would not wake it.
-                    h.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                _ => {}
+            if matches!(command, TrainCommand::Stop) {
+                h.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             }
+            let kind = std::mem::discriminant(&command);
             if h.commands.try_send(command).is_err() {
+                // The state below only changes once the worker has the command.
                 self.status = "the trainer is busy; try again".to_string();
+                return false;
             }
+            if kind == std::mem::discriminant(&TrainCommand::Pause) {
+                *paused = true;
+            } else if kind == std::mem::discriminant(&TrainCommand::Resume) {
+                *paused = false;
+            }
+            return true;
         }
+        false
     }
 
     /// The past runs beside the project.
@@ -831,11 +881,15 @@ impl StudioApp {
         egui::MenuBar::new().ui(ui, |ui| {
             ui.menu_button("Project", |ui| {
                 if ui.button("New").clicked() {
-                    let wake = self.wake.clone();
-                    let recent = std::mem::take(&mut self.recent);
-                    *self = Self::empty(wake);
-                    self.recent = recent;
-                    self.status = "new project".to_string();
+                    if self.is_training() {
+                        self.status = "stop the run before starting a new project".to_string();
+                    } else {
+                        let wake = self.wake.clone();
+                        let recent = std::mem::take(&mut self.recent);
+                        *self = Self::empty(wake);
+                        self.recent = recent;
+                        self.status = "new project".to_string();
+                    }
                 }
                 if ui.button("Open…").clicked() {
                     self.ask(DialogKind::Open);

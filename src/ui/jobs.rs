@@ -40,6 +40,8 @@ pub enum LoadEvent {
         task: usize,
         /// Its records and import reports.
         data: Arc<TaskData>,
+        /// The load generation it belongs to.
+        generation: u64,
     },
 }
 
@@ -47,6 +49,7 @@ pub enum LoadEvent {
 pub fn start_loading(
     project: Project,
     tasks: Vec<usize>,
+    generation: u64,
     wake: Wake,
 ) -> Result<Receiver<LoadEvent>, String> {
     let (tx, rx) = bounded::<LoadEvent>(64);
@@ -72,6 +75,7 @@ pub fn start_loading(
             let event = LoadEvent::Task {
                 task: i,
                 data: Arc::new(data),
+                generation,
             };
             if tx.send(event).is_err() {
                 return;
@@ -106,6 +110,8 @@ pub struct PreviewResult {
     pub plan: Option<Arc<PackPlan>>,
     /// Why packing failed, when it did.
     pub pack_error: Option<String>,
+    /// The packing settings the plan was made with.
+    pub pack: crate::core::packing::PackSettings,
     /// How long it took.
     pub took: Duration,
 }
@@ -152,6 +158,7 @@ pub fn start_preview(
             packing: None,
             plan: None,
             pack_error: None,
+            pack: project.packing.clone(),
             took: Duration::ZERO,
         };
         if let Ok(b) = &result.bundle {

@@ -3,7 +3,8 @@
 //! tokens bright and ignored ones dim, system prompts marked, segment and chunk boundaries drawn,
 //! and the row's attention layout between segments.
 
-use egui::{Color32, RichText, Sense};
+use egui::text::{LayoutJob, TextFormat};
+use egui::{Color32, RichText, Sense, Stroke};
 use egui_plot::{Bar, BarChart, Plot};
 
 use crate::core::packing::{AttentionLayout, Overlong, PackMode, SegmentKind};
@@ -202,7 +203,7 @@ impl StudioApp {
         let fresh =
             !matches!(&self.preview.chips, Some((k, r, _, _)) if *k == key && *r == row_index);
         if fresh {
-            let row = bundle.prepared.row(&plan, row_index, &self.project.packing);
+            let row = bundle.prepared.row(&plan, row_index, &self.preview.pack);
             let chips = token_chips(&row, &bundle.tokenizer);
             self.preview.chips = Some((key, row_index, chips, row));
         }
@@ -254,7 +255,7 @@ impl StudioApp {
                 } else {
                     String::new()
                 },
-                if self.project.packing.reset_position_ids {
+                if self.preview.pack.reset_position_ids {
                     "restart per segment"
                 } else {
                     "continue"
@@ -266,69 +267,103 @@ impl StudioApp {
                 .id_salt("chips")
                 .max_height(420.0)
                 .show(ui, |ui| {
-                    ui.spacing_mut().item_spacing = egui::vec2(1.0, 3.0);
-                    ui.horizontal_wrapped(|ui| {
-                        for (n, c) in chips.iter().enumerate() {
-                            let base = c
-                                .task
-                                .map_or(DEFAULT_PROMPT_COLOR, |t| task_color(t as usize));
-                            if c.starts_segment {
-                                // A boundary: thin white between segments, a thick bar in the task's
-                                // colour where a new chunk starts.
-                                let (w, color) = if c.starts_chunk {
-                                    (4.0, base)
+                    // One galley for the whole row (a widget per token is too slow for
+                    // 2,048-token rows); hovering finds the token under the pointer.
+                    let width = ui.available_width();
+                    let (job, starts) = chip_layout(chips, width);
+                    let galley = ui.painter().layout_job(job);
+                    let (rect, response) = ui.allocate_exact_size(galley.size(), Sense::hover());
+                    ui.painter()
+                        .galley(rect.min, galley.clone(), Color32::WHITE);
+                    if let Some(pos) = response.hover_pos() {
+                        let index = galley.cursor_from_pos(pos - rect.min).index.0;
+                        let n = starts.partition_point(|&s| s <= index).saturating_sub(1);
+                        if let Some(c) = chips.get(n) {
+                            response.on_hover_ui_at_pointer(|ui| {
+                                ui.label(format!("token {:?}", c.text));
+                                ui.label(format!("token id {}", c.id));
+                                ui.label(format!("position id {}", c.position));
+                                ui.label(if c.trained {
+                                    format!("label {}", c.label)
                                 } else {
-                                    (2.0, Color32::WHITE)
-                                };
-                                let h = ui.text_style_height(&egui::TextStyle::Monospace);
-                                let (rect, _) =
-                                    ui.allocate_exact_size(egui::vec2(w + 2.0, h), Sense::hover());
-                                ui.painter().rect_filled(
-                                    egui::Rect::from_center_size(rect.center(), egui::vec2(w, h)),
-                                    0.0,
-                                    color,
-                                );
-                            }
-                            // Neighbouring tokens alternate slightly in shade so their edges show.
-                            let shade = if n % 2 == 0 { 1.0 } else { 0.8 };
-                            let (bg, fg) = if c.trained {
-                                (base.gamma_multiply(shade), Color32::BLACK)
-                            } else {
-                                (base.gamma_multiply(0.22 * shade), Color32::from_gray(190))
-                            };
-                            let mut text = RichText::new(&c.text)
-                                .monospace()
-                                .background_color(bg)
-                                .color(fg);
-                            if c.system {
-                                text = text.underline();
-                            }
-                            ui.add(egui::Label::new(text).sense(Sense::hover()))
-                                .on_hover_ui(|ui| {
-                                    ui.label(format!("token id {}", c.id));
-                                    ui.label(format!("position id {}", c.position));
-                                    ui.label(if c.trained {
-                                        format!("label {}", c.label)
-                                    } else {
-                                        "label -100 (ignored)".to_string()
-                                    });
-                                    ui.label(format!(
-                                        "segment {} (attention id {})",
-                                        c.segment, c.segment_id
-                                    ));
-                                    if let Some(t) = c.task {
-                                        ui.label(format!(
-                                            "task {}",
-                                            bundle.prepared.tasks[t as usize].name
-                                        ));
-                                    }
-                                    if c.system {
-                                        ui.label("system prompt");
-                                    }
+                                    "label -100 (ignored)".to_string()
                                 });
+                                ui.label(format!(
+                                    "segment {} (attention id {})",
+                                    c.segment, c.segment_id
+                                ));
+                                if let Some(t) = c.task {
+                                    ui.label(format!(
+                                        "task {}",
+                                        bundle.prepared.tasks[t as usize].name
+                                    ));
+                                }
+                                if c.system {
+                                    ui.label("system prompt");
+                                }
+                            });
                         }
-                    });
+                    }
                 });
         });
     }
+}
+
+/// The row as one text layout: each token a section with its colours, boundaries as coloured
+/// gaps. Returns the layout and the character offset where each chip starts.
+fn chip_layout(chips: &[crate::core::views::TokenChip], width: f32) -> (LayoutJob, Vec<usize>) {
+    let font = egui::FontId::monospace(12.0);
+    let mut job = LayoutJob::default();
+    job.wrap.max_width = width;
+    let mut starts = Vec::with_capacity(chips.len());
+    let mut chars = 0usize;
+    for (n, c) in chips.iter().enumerate() {
+        let base = c
+            .task
+            .map_or(DEFAULT_PROMPT_COLOR, |t| task_color(t as usize));
+        if c.starts_segment {
+            // A boundary: a white gap between segments, a wider one in the task's colour where
+            // a new chunk starts.
+            let (gap, color) = if c.starts_chunk {
+                ("  ", base)
+            } else {
+                (" ", Color32::WHITE)
+            };
+            job.append(
+                gap,
+                2.0,
+                TextFormat {
+                    font_id: font.clone(),
+                    background: color,
+                    ..Default::default()
+                },
+            );
+            chars += gap.chars().count();
+        }
+        // Neighbouring tokens alternate slightly in shade so their edges show.
+        let shade = if n % 2 == 0 { 1.0 } else { 0.8 };
+        let (background, color) = if c.trained {
+            (base.gamma_multiply(shade), Color32::BLACK)
+        } else {
+            (base.gamma_multiply(0.22 * shade), Color32::from_gray(190))
+        };
+        starts.push(chars);
+        job.append(
+            &c.text,
+            0.0,
+            TextFormat {
+                font_id: font.clone(),
+                color,
+                background,
+                underline: if c.system {
+                    Stroke::new(1.0, Color32::WHITE)
+                } else {
+                    Stroke::NONE
+                },
+                ..Default::default()
+            },
+        );
+        chars += c.text.chars().count();
+    }
+    (job, starts)
 }

@@ -54,6 +54,7 @@ impl StudioApp {
                         "LoRA",
                         "steps",
                         "ending",
+                        "final loss",
                         "best eval loss",
                         "",
                     ] {
@@ -72,7 +73,13 @@ impl StudioApp {
                         {
                             toggled = Some((run.dir.clone(), on));
                         }
-                        ui.label(&run.id);
+                        let settings = run
+                            .summary
+                            .as_ref()
+                            .and_then(|s| s.get("training"))
+                            .and_then(|t| serde_json::to_string_pretty(t).ok())
+                            .unwrap_or_else(|| "settings in project.moi.toml".to_string());
+                        ui.label(&run.id).on_hover_text(settings);
                         ui.label(summary_text(s, "model"));
                         ui.label(summary_text(s, "mode"));
                         ui.label(summary_text(s, "lora"));
@@ -86,6 +93,7 @@ impl StudioApp {
                         } else {
                             "running or cut off".to_string()
                         });
+                        ui.label(summary_text(run.summary.as_ref(), "final_loss"));
                         ui.label(summary_text(s, "best_eval_loss"));
                         ui.horizontal(|ui| {
                             if ui.button("Open folder").clicked() {
@@ -107,13 +115,23 @@ impl StudioApp {
             });
         if let Some((dir, on)) = toggled {
             if on {
-                if !self.run_histories.contains_key(&dir) {
-                    match RunHistory::load(&dir) {
-                        Ok((h, _)) => {
-                            self.run_histories.insert(dir.clone(), h);
+                // Read on the `runs` thread; a run still going on is read again each time it
+                // is ticked.
+                let tx = self.history_channel.0.clone();
+                let wake = self.wake.clone();
+                let d = dir.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("runs".into())
+                    .spawn(move || {
+                        let h = RunHistory::load(&d)
+                            .map(|(h, _)| h)
+                            .map_err(|e| format!("cannot read {}: {e}", d.display()));
+                        if tx.send((d, h)).is_ok() {
+                            wake();
                         }
-                        Err(e) => self.status = format!("cannot read {}: {e}", dir.display()),
-                    }
+                    });
+                if let Err(e) = spawned {
+                    self.status = format!("could not start the runs thread: {e}");
                 }
                 self.selected_runs.insert(dir);
             } else {

@@ -14,13 +14,25 @@ use crate::core::train_settings::{Decay, LoraTarget, LossNorm};
 use crate::ui::app::{ModelPick, StudioApp, task_color};
 use crate::ui::jobs::{DialogKind, start_answer};
 
-/// The device a run would use and why, found once.
-fn device_line() -> &'static str {
+/// The device a run would use and why, found once on the `device` thread (opening a GPU can
+/// take a moment).
+fn device_line(wake: &crate::core::events::Wake) -> &'static str {
     static LINE: OnceLock<String> = OnceLock::new();
-    LINE.get_or_init(|| {
-        let d = crate::train::device::choose_device(false);
-        format!("{} — {}", d.name, d.reason)
-    })
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    if let Some(line) = LINE.get() {
+        return line;
+    }
+    STARTED.call_once(|| {
+        let wake = wake.clone();
+        let _ = std::thread::Builder::new()
+            .name("device".into())
+            .spawn(move || {
+                let d = crate::train::device::choose_device(false);
+                let _ = LINE.set(format!("{} — {}", d.name, d.reason));
+                wake();
+            });
+    });
+    "checking…"
 }
 
 fn line(name: &str, points: Vec<[f64; 2]>) -> Line<'static> {
@@ -155,7 +167,7 @@ impl StudioApp {
                 }
             }
         });
-        ui.label(format!("Device: {}", device_line()));
+        ui.label(format!("Device: {}", device_line(&self.wake)));
         let t = &mut self.project.training;
         ui.horizontal_wrapped(|ui| {
             let mut limit = self.steps_override.is_some();
@@ -477,13 +489,15 @@ impl StudioApp {
                 }
                 .unwrap_or_else(|| self.project.default_system_prompt.clone());
                 if training {
-                    self.try_it.asked_trainer = true;
-                    self.try_it.answer = "(waiting for the next step)".into();
-                    self.command(TrainCommand::Generate {
+                    let asked = self.command(TrainCommand::Generate {
                         system,
                         prompt: self.try_it.prompt.clone(),
                         max_new_tokens: self.try_it.max_new,
                     });
+                    if asked {
+                        self.try_it.asked_trainer = true;
+                        self.try_it.answer = "(waiting for the next step)".into();
+                    }
                 } else if let Some(model) = finished_model.clone() {
                     match start_answer(
                         model,
