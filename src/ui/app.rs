@@ -725,7 +725,13 @@ impl StudioApp {
                     self.history.absorb(&event);
                     match &event {
                         TrainEvent::Generated { step, text, .. } => {
-                            self.try_it.answer = format!("(step {step}) {text}");
+                            self.try_it.answer = if text.trim().is_empty() {
+                                format!(
+                                    "(step {step}: an empty answer, the model ended its turn at once)"
+                                )
+                            } else {
+                                format!("(step {step}) {text}")
+                            };
                             self.try_it.asked_trainer = false;
                         }
                         TrainEvent::Log { message } => self.status = message.clone(),

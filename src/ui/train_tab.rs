@@ -45,23 +45,26 @@ enum Item {
     Points(Points<'static>),
 }
 
-/// Draws one small plot of named series.
+/// Draws one small plot of named series (the exact-match plot always spans 0 to 1).
 fn small_plot(ui: &mut egui::Ui, id: &str, title: &str, items: Vec<Item>, width: f32) {
     ui.vertical(|ui| {
         ui.set_width(width);
         ui.strong(title);
-        Plot::new(id)
+        let mut plot = Plot::new(id)
             .height(170.0)
             .width(width)
-            .legend(Legend::default())
-            .show(ui, |plot| {
-                for item in items {
-                    match item {
-                        Item::Line(l) => plot.line(l),
-                        Item::Points(p) => plot.points(p),
-                    }
+            .legend(Legend::default());
+        if id == "exact" {
+            plot = plot.include_y(0.0).include_y(1.0);
+        }
+        plot.show(ui, |plot| {
+            for item in items {
+                match item {
+                    Item::Line(l) => plot.line(l),
+                    Item::Points(p) => plot.points(p),
                 }
-            });
+            }
+        });
     });
 }
 
@@ -528,7 +531,12 @@ impl StudioApp {
         if !self.try_it.answer.is_empty() {
             egui::Frame::group(ui.style()).show(ui, |ui| {
                 ui.set_width(ui.available_width());
-                ui.label(RichText::new(&self.try_it.answer).monospace());
+                let shown = if self.try_it.answer.trim().is_empty() {
+                    "(an empty answer: the model ended its turn at once)"
+                } else {
+                    self.try_it.answer.as_str()
+                };
+                ui.label(RichText::new(shown).monospace());
             });
         }
     }
