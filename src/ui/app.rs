@@ -257,6 +257,8 @@ impl StudioApp {
     /// Replaces the open project with the one at `path` (a message on failure; the current
     /// project stays).
     pub fn open_project(&mut self, path: PathBuf) {
+        // Remembered paths must work from any working directory.
+        let path = std::path::absolute(&path).unwrap_or(path);
         if self.is_training() {
             self.status = "stop the run before opening another project".to_string();
             return;
@@ -478,6 +480,7 @@ impl StudioApp {
 
     /// Saves to `path`.
     pub fn save_as(&mut self, path: PathBuf) {
+        let path = std::path::absolute(&path).unwrap_or(path);
         let mut saved = self.project.clone();
         match saved.save(&path) {
             Ok(()) => {
