@@ -122,6 +122,16 @@ fn main() {
         );
     }
 
+    // A prompt edit needs tokenizing again (and the built-in tokenizer trained again).
+    demo.harness.state_mut().project_mut().tasks[0].system_prompt.push_str(" Be brief.");
+    let t = Instant::now();
+    demo.harness.step();
+    demo.until(|a| !a.preview_pending());
+    println!(
+        "demo: system prompt edited: re-tokenized and new preview shown after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+
     // Frame time on a big project while training.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = big_project(dir.path(), n);
