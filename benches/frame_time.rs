@@ -123,7 +123,9 @@ fn main() {
     }
 
     // A prompt edit needs tokenizing again (and the built-in tokenizer trained again).
-    demo.harness.state_mut().project_mut().tasks[0].system_prompt.push_str(" Be brief.");
+    demo.harness.state_mut().project_mut().tasks[0]
+        .system_prompt
+        .push_str(" Be brief.");
     let t = Instant::now();
     demo.harness.step();
     demo.until(|a| !a.preview_pending());
