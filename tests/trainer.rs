@@ -301,38 +301,20 @@ fn a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint() {
 fn lora_trains_only_the_adapters_and_merges_back() {
     use candle_core::{DType, Tensor};
     use candle_nn::VarBuilder;
-    use moi_studio::train::model::{init_lora, init_weights, merge_lora};
+    use moi_studio::train::model::merge_lora;
 
-    let config = ModelConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 1,
-        max_position_embeddings: 128,
-        ..ModelConfig::tiny(demo().vocab)
-    };
+    let LoraFixture {
+        model,
+        trainable,
+        base,
+        config,
+        settings: lora,
+    } = lora_model(5, 0.0);
     let dev = Device::Cpu;
-    let base: Vec<(String, Tensor)> = named_vars(&init_weights(&config, 5, &dev).unwrap())
-        .into_iter()
-        .map(|(k, v)| (k, v.as_detached_tensor()))
-        .collect();
     let before: Vec<Vec<f32>> = base
         .iter()
         .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
         .collect();
-    let lora = LoraSettings {
-        enabled: true,
-        dropout: 0.0,
-        ..LoraSettings::default()
-    };
-    let adapters = init_lora(&config, &lora, 5, &dev).unwrap();
-    let model = Decoder::with_lora(
-        &config,
-        VarBuilder::from_tensors(base.iter().cloned().collect(), DType::F32, &dev),
-        &lora,
-        VarBuilder::from_varmap(&adapters, DType::F32, &dev),
-    )
-    .unwrap();
-    let trainable = named_vars(&adapters);
     // q, k, v and o of one layer, A and B each.
     assert_eq!(trainable.len(), 8);
     let settings = TrainSettings {
@@ -384,9 +366,18 @@ fn lora_trains_only_the_adapters_and_merges_back() {
     assert!(diff < 1e-4, "merged model differs by {diff}");
 }
 
-/// A LoRA decoder over a seeded base, with adapters seeded by `adapter_seed`.
-fn lora_model(adapter_seed: u64, dropout: f64) -> (Decoder, Vec<(String, Var)>) {
-    use candle_core::{DType, Tensor};
+/// A LoRA decoder over a seeded base (its weights frozen), with adapters seeded by
+/// `adapter_seed`.
+struct LoraFixture {
+    model: Decoder,
+    trainable: Vec<(String, Var)>,
+    base: Vec<(String, candle_core::Tensor)>,
+    config: ModelConfig,
+    settings: LoraSettings,
+}
+
+fn lora_model(adapter_seed: u64, dropout: f64) -> LoraFixture {
+    use candle_core::DType;
     use candle_nn::VarBuilder;
     use moi_studio::train::model::{init_lora, init_weights};
     let config = ModelConfig {
@@ -397,24 +388,31 @@ fn lora_model(adapter_seed: u64, dropout: f64) -> (Decoder, Vec<(String, Var)>) 
         ..ModelConfig::tiny(demo().vocab)
     };
     let dev = Device::Cpu;
-    let base: Vec<(String, Tensor)> = named_vars(&init_weights(&config, 5, &dev).unwrap())
-        .into_iter()
-        .map(|(k, v)| (k, v.as_detached_tensor()))
-        .collect();
-    let lora = LoraSettings {
+    let base: Vec<(String, candle_core::Tensor)> =
+        named_vars(&init_weights(&config, 5, &dev).unwrap())
+            .into_iter()
+            .map(|(k, v)| (k, v.as_detached_tensor()))
+            .collect();
+    let settings = LoraSettings {
         enabled: true,
         dropout,
         ..LoraSettings::default()
     };
-    let adapters = init_lora(&config, &lora, adapter_seed, &dev).unwrap();
+    let adapters = init_lora(&config, &settings, adapter_seed, &dev).unwrap();
     let model = Decoder::with_lora(
         &config,
-        VarBuilder::from_tensors(base.into_iter().collect(), DType::F32, &dev),
-        &lora,
+        VarBuilder::from_tensors(base.iter().cloned().collect(), DType::F32, &dev),
+        &settings,
         VarBuilder::from_varmap(&adapters, DType::F32, &dev),
     )
     .unwrap();
-    (model, named_vars(&adapters))
+    LoraFixture {
+        model,
+        trainable: named_vars(&adapters),
+        base,
+        config,
+        settings,
+    }
 }
 
 #[test]
@@ -425,11 +423,19 @@ fn a_lora_run_with_dropout_resumes_exactly() {
         ..settings()
     };
     let dir = tempfile::tempdir().unwrap();
-    let (m, params) = lora_model(1, 0.2);
+    let LoraFixture {
+        model: m,
+        trainable: params,
+        ..
+    } = lora_model(1, 0.2);
     let (straight, ending, _) = run(&m, &params, &settings, dir.path(), None, None);
     assert_eq!(ending, Ending::Finished);
     // Dropout draws seeded masks: the same run again gives the same losses.
-    let (m_again, params_again) = lora_model(1, 0.2);
+    let LoraFixture {
+        model: m_again,
+        trainable: params_again,
+        ..
+    } = lora_model(1, 0.2);
     let again_dir = tempfile::tempdir().unwrap();
     let (again, _, _) = run(
         &m_again,
@@ -441,12 +447,20 @@ fn a_lora_run_with_dropout_resumes_exactly() {
     );
     assert_eq!(straight, again);
     // And dropout is really applied: without it the losses differ.
-    let (m0, params0) = lora_model(1, 0.0);
+    let LoraFixture {
+        model: m0,
+        trainable: params0,
+        ..
+    } = lora_model(1, 0.0);
     let no_dropout_dir = tempfile::tempdir().unwrap();
     let (plain, _, _) = run(&m0, &params0, &settings, no_dropout_dir.path(), None, None);
     assert_ne!(straight, plain);
     // Adapters from another seed pick up at step 10 from the checkpoint.
-    let (m2, params2) = lora_model(77, 0.2);
+    let LoraFixture {
+        model: m2,
+        trainable: params2,
+        ..
+    } = lora_model(77, 0.2);
     let out2 = tempfile::tempdir().unwrap();
     let (resumed, _, steps) = run(
         &m2,
