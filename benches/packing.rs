@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use moi_studio::core::packing::{PackMode, PackSettings, SampleInfo, plan};
+use moi_studio::core::packing::{
+    PackMode, PackSettings, SampleInfo, best_fit_decreasing_rows, chunk_mix, plan,
+};
 use moi_studio::core::sampling::{SampleRef, Strategy, TaskSize, sample_epoch};
 
 /// Deterministic pseudo-random lengths: short 50–250, medium 150–650, long 400–1,200 tokens.
@@ -74,12 +76,24 @@ fn main() {
                     >= 2
             })
             .count();
+        // The reference: a sorted best-fit-decreasing packing of the same pieces, tasks ignored.
+        let capacity = 2048 - p.prefix_len;
+        let lens: Vec<u32> = p.pieces.iter().map(|x| x.len).collect();
+        let reference_rows = best_fit_decreasing_rows(&lens, capacity).max(1);
+        let pieces: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+        let reference_fill = (pieces + u64::from(p.prefix_len) * reference_rows as u64) as f64
+            / (reference_rows as f64 * 2048.0);
+        let chunks = chunk_mix(&p, capacity);
         println!(
-            "{:<9} {:>9} rows  fill {:>7.3} %  rows with 2+ tasks {:>5.1} %  plan {:.3} s",
+            "{:<9} {:>9} rows  fill {:>7.3} % (best-fit decreasing {:>7.3} %)  rows with 2+ tasks \
+             {:>5.1} %  mixed chunks {:>5.1} % ({:.1} % of mixable)  plan {:.3} s",
             mode.as_str(),
             p.rows.len(),
             p.fill(2048) * 100.0,
+            reference_fill * 100.0,
             mixed as f64 * 100.0 / p.rows.len().max(1) as f64,
+            chunks.share() * 100.0,
+            chunks.share_of_mixable() * 100.0,
             best
         );
     }

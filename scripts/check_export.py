@@ -4,9 +4,14 @@
 1. the model and tokenizer load, and the chat template renders a conversation;
 2. the mean negative log-likelihood of a text equals what `moi-studio score` computes;
 3. for LoRA runs, the base model with `adapter/` applied by PEFT gives the same logits as the
-   merged model.
+   merged model;
+4. with --reference LOGITS_JSON (a golden model's `logits.json`, e.g. tests/data/golden/llama3,
+   which uses Llama 3.1 rotary scaling), the exported model's logits on the reference prompts
+   equal the reference within 1e-4: rotary scaling and weights survived the export.
+   `MOI_EXPORT_GOLDEN=DIR cargo test --test golden an_exported_llama3` writes that export.
 
 Usage: python scripts/check_export.py EXPORT_DIR [--bin target/release/moi-studio]
+       python scripts/check_export.py EXPORT_DIR --reference tests/data/golden/llama3/logits.json
 Needs: pip install torch transformers safetensors peft
 """
 import argparse
@@ -27,7 +32,21 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("export_dir")
     ap.add_argument("--bin", default="target/release/moi-studio")
+    ap.add_argument("--reference", help="logits.json of a golden model to compare against")
     args = ap.parse_args()
+
+    if args.reference:
+        with open(args.reference) as f:
+            ref = json.load(f)
+        model = AutoModelForCausalLM.from_pretrained(args.export_dir, dtype=torch.float32).eval()
+        worst = 0.0
+        for prompt, want in zip(ref["prompts"], ref["logits"]):
+            with torch.no_grad():
+                got = model(torch.tensor([prompt])).logits[0]
+            worst = max(worst, (got - torch.tensor(want)).abs().max().item())
+        print(f"largest logit difference from {args.reference}: {worst:.2e}")
+        print("OK" if worst < 1e-4 else "MISMATCH")
+        return 0 if worst < 1e-4 else 1
 
     tok = AutoTokenizer.from_pretrained(args.export_dir)
     model = AutoModelForCausalLM.from_pretrained(args.export_dir, dtype=torch.float32).eval()

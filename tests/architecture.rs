@@ -89,3 +89,67 @@ fn the_checker_catches_what_it_should() {
     assert!(crate_roots("// use egui::Ui;").is_empty());
     assert_eq!(crate_roots("use crate::core::egui_like::X;"), ["crate"]);
 }
+
+/// The `crate::core::x` modules each file of `src/core` uses outside its tests.
+fn core_module_graph() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let core = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
+    let mut files = Vec::new();
+    rust_files(&core, &mut files);
+    let mut graph: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for file in &files {
+        let rel = file.strip_prefix(&core).unwrap();
+        let module = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_string();
+        let text = std::fs::read_to_string(file).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        let deps = graph.entry(module.clone()).or_default();
+        for part in code.split("crate::core::").skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() && name != module {
+                deps.insert(name);
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn core_modules_import_each_other_without_cycles() {
+    let graph = core_module_graph();
+    assert!(graph.contains_key("project") && graph.contains_key("settings"));
+    // Depth-first search for a path back to where it started.
+    fn cycle_from(
+        graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        let last = path.last().cloned()?;
+        for next in graph.get(&last).into_iter().flatten() {
+            if let Some(at) = path.iter().position(|p| p == next) {
+                let mut cycle = path[at..].to_vec();
+                cycle.push(next.clone());
+                return Some(cycle);
+            }
+            path.push(next.clone());
+            if let Some(c) = cycle_from(graph, path) {
+                return Some(c);
+            }
+            path.pop();
+        }
+        None
+    }
+    for start in graph.keys() {
+        if let Some(cycle) = cycle_from(&graph, &mut vec![start.clone()]) {
+            panic!("src/core has an import cycle: {}", cycle.join(" -> "));
+        }
+    }
+}

@@ -7,11 +7,20 @@ use candle_core::{Device, IndexOp, Tensor};
 use moi_studio::train::load::load_hf_folder;
 use moi_studio::train::model::attention_mask;
 
-fn check(name: &str) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/golden")
-        .join(name);
-    let loaded = load_hf_folder(&dir, &Device::Cpu).unwrap();
+        .join(name)
+}
+
+fn check(name: &str) {
+    check_folder(name, &golden(name));
+}
+
+/// The model in `model_dir` gives the logits transformers gave for golden model `name`.
+fn check_folder(name: &str, model_dir: &std::path::Path) {
+    let dir = golden(name);
+    let loaded = load_hf_folder(model_dir, &Device::Cpu).unwrap();
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
     let prompts = reference["prompts"].as_array().unwrap();
@@ -65,4 +74,47 @@ fn tiny_llama_matches_transformers() {
 #[test]
 fn tiny_llama3_rope_scaling_matches_transformers() {
     check("llama3");
+}
+
+#[test]
+fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
+    use moi_studio::train::export::{save_model_folder, tensors_of};
+    use moi_studio::train::model::named_vars;
+    let loaded = load_hf_folder(&golden("llama3"), &Device::Cpu).unwrap();
+    let tokenizer = moi_studio::core::bpe::train_bpe(
+        ["a small text to train a tokenizer on".to_string()].into_iter(),
+        300,
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    // MOI_EXPORT_GOLDEN=DIR keeps the export for `scripts/check_export.py DIR --reference …`.
+    let out_dir = std::env::var_os("MOI_EXPORT_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| out.path().to_path_buf());
+    save_model_folder(
+        &out_dir,
+        &loaded.config,
+        &tensors_of(&named_vars(&loaded.weights)),
+        &tokenizer,
+        "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
+        "<s>",
+        "</s>",
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    // The keys transformers reads, not our own field name.
+    assert!(config.get("llama3_rope").is_none(), "{config}");
+    assert_eq!(config["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(config["rope_scaling"]["factor"], 8.0);
+    assert_eq!(config["rope_theta"], 500000.0);
+    let tok_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tok_config["bos_token"], "<s>");
+    let reloaded = load_hf_folder(&out_dir, &Device::Cpu).unwrap();
+    assert_eq!(reloaded.config.llama3_rope, loaded.config.llama3_rope);
+    check_folder("llama3", &out_dir);
 }

@@ -92,7 +92,38 @@ fn moi_rows_start_with_the_default_prompt_and_respect_the_limit() {
             }
         }
     }
-    // Each training sample appears once per epoch in balanced mode for the biggest task at most.
+    // Balanced sampling passes over a task's samples before it repeats any: in an epoch every
+    // sample of a task appears ⌊c/n⌋ or ⌈c/n⌉ times (c drawn of n), so the biggest task's
+    // samples appear at most once and the smallest task's all appear.
+    let mut seen: std::collections::HashMap<(u32, u32), usize> = Default::default();
+    for p in plan.pieces.iter().filter(|p| p.offset == 0) {
+        *seen.entry((p.sample.task, p.sample.record)).or_default() += 1;
+    }
+    for (t, task) in f.prepared.tasks.iter().enumerate() {
+        let n = task.samples.len();
+        let counts: Vec<usize> = (0..n as u32)
+            .map(|r| seen.get(&(t as u32, r)).copied().unwrap_or(0))
+            .collect();
+        let drawn: usize = counts.iter().sum();
+        let (lo, hi) = (drawn / n, drawn.div_ceil(n));
+        assert!(
+            counts.iter().all(|&c| c == lo || c == hi),
+            "{}: {drawn} drawn of {n}, counts outside {lo}..={hi}",
+            task.name
+        );
+        if n == 360 {
+            assert!(
+                counts.iter().all(|&c| c <= 1),
+                "the biggest task repeats a sample"
+            );
+        }
+        if n == 90 {
+            assert!(
+                counts.iter().all(|&c| c >= 1),
+                "the smallest task misses a sample"
+            );
+        }
+    }
     let same = f
         .prepared
         .pack_epoch(&f.project.mixing, &s, f.project.seed, 0);
@@ -227,4 +258,33 @@ fn preview_json_and_pack_parquet_read_back() {
         "You are a helpful assistant."
     );
     assert!(dir.path().join("tokenizer.json").is_file());
+}
+
+/// The demo at its own 512-token rows (the tiny model's): rows fill within a point of a sorted
+/// best-fit-decreasing packer on the same pieces, and nearly every chunk mixes tasks.
+#[test]
+fn demo_rows_fill_like_best_fit_and_chunks_mix_tasks() {
+    let f = fixture();
+    let pack = f.project.packing.clone();
+    assert_eq!(pack.max_seq_len, 512);
+    let preview = PackingPreview::build(&f.prepared, &f.project.mixing, &pack, f.project.seed, 0);
+    println!(
+        "demo at 512: fill {:.2}%, best-fit decreasing {:.2}%, chunks {:?}",
+        preview.fill * 100.0,
+        preview.best_fit_fill * 100.0,
+        preview.chunks
+    );
+    assert!(
+        preview.fill >= preview.best_fit_fill - 0.01,
+        "fill {} vs best-fit decreasing {}",
+        preview.fill,
+        preview.best_fit_fill
+    );
+    // Some code answers are too long to share a 512-token row with anything of another task;
+    // of the chunks the sizes allow to mix, nearly all do.
+    assert!(
+        preview.chunks.share_of_mixable() >= 0.9,
+        "{:?}",
+        preview.chunks
+    );
 }

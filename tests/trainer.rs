@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Device, Var};
 use moi_studio::core::dataset::load_project;
 use moi_studio::core::events::PromptKind;
-use moi_studio::core::events::{TrainEvent, event_channel};
+use moi_studio::core::events::{StepMetrics, TrainEvent, event_channel};
 use moi_studio::core::mixing::Prepared;
 use moi_studio::core::packing::{PackMode, PackSettings};
 use moi_studio::core::project::Project;
@@ -76,12 +76,16 @@ fn run(
     resume_from: Option<&std::path::Path>,
     stop_after: Option<u64>,
 ) -> (Vec<(u64, f64)>, Ending, u64) {
-    let (losses, _, ending, step) =
+    let (steps, _, ending, step) =
         run_with(m, params, settings, out, resume_from, stop_after, None).expect("training runs");
-    (losses, ending, step)
+    (
+        steps.iter().map(|m| (m.step, m.loss)).collect(),
+        ending,
+        step,
+    )
 }
 
-type Outcome = (Vec<(u64, f64)>, Vec<TrainEvent>, Ending, u64);
+type Outcome = (Vec<StepMetrics>, Vec<TrainEvent>, Ending, u64);
 
 /// As `run`, with an optional eval set; returns the other events too, or the error.
 fn run_with(
@@ -119,7 +123,7 @@ fn run_with(
         while let Ok(e) = rx.recv() {
             if let TrainEvent::Step(m) = &e {
                 assert_eq!(m.steps, 1, "nothing merged with a roomy channel");
-                losses.push((m.step, m.loss));
+                losses.push(m.clone());
                 if stop_after == Some(m.step) {
                     listener_stop.store(true, Ordering::SeqCst);
                 }
@@ -194,6 +198,67 @@ fn resuming_from_a_checkpoint_continues_exactly() {
         assert_eq!(s1, s2);
         assert!((a - b).abs() < 1e-5, "step {s1}: {a} vs {b}");
     }
+}
+
+#[test]
+fn one_step_of_accumulation_equals_one_step_on_the_concatenated_batch() {
+    use moi_studio::core::train_settings::LossNorm;
+    for norm in [LossNorm::TokenMean, LossNorm::SampleMean] {
+        let step_loss = |batch_rows: usize, grad_accum: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let (m, params) = model(5);
+            let settings = TrainSettings {
+                max_steps: Some(1),
+                batch_rows,
+                grad_accum,
+                loss_norm: norm,
+                checkpoint_every: 0,
+                ..settings()
+            };
+            let (losses, _, _) = run(&m, &params, &settings, dir.path(), None, None);
+            losses[0].1
+        };
+        let accumulated = step_loss(1, 4);
+        let concatenated = step_loss(4, 1);
+        assert!(
+            (accumulated - concatenated).abs() < 1e-5,
+            "{norm:?}: accumulation 4 gives {accumulated}, one batch of 4 rows {concatenated}"
+        );
+    }
+}
+
+#[test]
+fn runs_past_the_planned_epochs_keep_counting_and_reshuffle() {
+    let d = demo();
+    let rows = d
+        .prepared
+        .pack_epoch(&d.project.mixing, &pack(), d.project.seed, 0)
+        .rows
+        .len();
+    let later = d
+        .prepared
+        .pack_epoch(&d.project.mixing, &pack(), d.project.seed, 1);
+    assert_ne!(
+        later.pieces,
+        d.prepared
+            .pack_epoch(&d.project.mixing, &pack(), d.project.seed, 0)
+            .pieces,
+        "each epoch is sampled with its own seed"
+    );
+    // One step takes a whole epoch, so three steps run two epochs past the planned one.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, params) = model(6);
+    let settings = TrainSettings {
+        max_steps: Some(3),
+        batch_rows: rows,
+        checkpoint_every: 0,
+        ..settings()
+    };
+    let (steps, _, ending, _) =
+        run_with(&m, &params, &settings, dir.path(), None, None, None).unwrap();
+    assert_eq!(ending, Ending::Finished);
+    let epochs: Vec<f64> = steps.iter().map(|m| m.epoch).collect();
+    assert_eq!(epochs, [1.0, 2.0, 3.0]);
 }
 
 #[test]

@@ -154,15 +154,29 @@ fn a_lora_run_answers_eval_now_writes_an_adapter_and_resumes() {
     first.lora = Some(true);
     let handle = spawn_run(first, Arc::new(|| {})).unwrap();
     let run_dir = handle.run_dir.clone();
+    // Synchronised on the protocol, not on timing: commands are read before every step, so a
+    // pause sent now holds the run before its first step; "eval now" while paused evaluates at
+    // once, and the run resumes only after its results came.
+    handle.commands.send(TrainCommand::Pause).unwrap();
+    handle.commands.send(TrainCommand::EvalNow).unwrap();
     let mut events = Vec::new();
-    let mut asked = false;
+    let mut resumed = false;
     while let Ok(e) = handle.events.recv() {
-        if matches!(e, TrainEvent::Step(_)) && !asked {
-            handle.commands.send(TrainCommand::EvalNow).unwrap();
-            asked = true;
+        if let TrainEvent::Step(m) = &e {
+            assert!(resumed, "step {} ran while paused", m.step);
         }
+        let evals_done = events
+            .iter()
+            .filter(|e| matches!(e, TrainEvent::Eval(_)))
+            .count()
+            + usize::from(matches!(e, TrainEvent::Eval(_)));
         let end = e.is_terminal();
         events.push(e);
+        // Three tasks under two prompts each: the paused evaluation is complete.
+        if !resumed && evals_done == 6 {
+            handle.commands.send(TrainCommand::Resume).unwrap();
+            resumed = true;
+        }
         if end {
             break;
         }
@@ -180,7 +194,7 @@ fn a_lora_run_answers_eval_now_writes_an_adapter_and_resumes() {
         }) => assert!(*trainable > 0 && trainable * 20 < *parameters),
         other => panic!("{other:?}"),
     }
-    // Eval now ran between steps, before the end-of-run evaluation at step 3.
+    // Eval now ran while paused before the first step, and again at the end of the run.
     let eval_steps: Vec<u64> = events
         .iter()
         .filter_map(|e| match e {
@@ -188,7 +202,7 @@ fn a_lora_run_answers_eval_now_writes_an_adapter_and_resumes() {
             _ => None,
         })
         .collect();
-    assert!(eval_steps.iter().any(|&s| s < 3), "{eval_steps:?}");
+    assert_eq!(&eval_steps[..6], &[0; 6], "{eval_steps:?}");
     assert!(eval_steps.contains(&3), "{eval_steps:?}");
 
     // The PEFT adapter: config and PEFT-named tensors; the base it applies to is on disk.

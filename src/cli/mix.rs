@@ -175,6 +175,16 @@ pub fn run_preview(args: PreviewArgs) -> anyhow::Result<i32> {
         packing.overlong.split,
         packing.overlong.dropped
     );
+    println!(
+        "  best-fit decreasing on the same pieces fills {:.2}%; {} of {} chunks mix tasks \
+         ({:.1}%; {:.1}% of the {} the sizes allow to mix)",
+        packing.best_fit_fill * 100.0,
+        packing.chunks.mixed,
+        packing.chunks.chunks,
+        packing.chunks.share() * 100.0,
+        packing.chunks.share_of_mixable() * 100.0,
+        packing.chunks.chunks - packing.chunks.unmixable
+    );
     let peak = packing.histogram.iter().copied().max().unwrap_or(1).max(1);
     let bars: String = packing
         .histogram

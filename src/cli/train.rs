@@ -32,7 +32,8 @@ pub struct TrainArgs {
     /// Optimizer steps (default: the project's epochs).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Folder for runs (default: runs/ beside the project).
+    /// Folder for runs (default: runs/ beside the project; the bundled presets' runs go to the
+    /// user's data directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Train on the CPU even when a GPU is there.

@@ -1,5 +1,6 @@
 //! A task's records in memory: every source imported, the eval split drawn.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -27,13 +28,63 @@ pub struct TaskData {
     pub name: String,
     /// Every imported record, sources in order.
     pub records: Vec<Record>,
-    /// `is_eval[i]` says whether `records[i]` is held out for evaluation.
+    /// `is_eval[i]` says whether `records[i]` is held out for evaluation, as drawn for
+    /// `split_key`; consumers ask [`TaskData::eval_split`], which redraws it when the task's eval
+    /// share, name or the project seed changed since.
     pub is_eval: Vec<bool>,
+    /// What the stored split was drawn with.
+    pub split_key: SplitKey,
     /// One outcome per source, in the task's order.
     pub sources: Vec<SourceOutcome>,
 }
 
+/// What an eval split depends on: the task's eval share and name, and the project seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitKey {
+    /// The task's `eval_fraction`.
+    pub fraction: f64,
+    /// The project seed.
+    pub seed: u64,
+    /// The task's name.
+    pub name: String,
+}
+
+impl SplitKey {
+    /// The key for a task of a project with this seed.
+    pub fn of(task: &Task, seed: u64) -> Self {
+        Self {
+            fraction: task.eval_fraction,
+            seed,
+            name: task.name.clone(),
+        }
+    }
+}
+
 impl TaskData {
+    /// The held-out split for the task's current settings: the stored one when it was drawn
+    /// with them, otherwise drawn again (deterministic, so the preview, the table and the
+    /// trainer always agree).
+    pub fn eval_split(&self, task: &Task, seed: u64) -> Cow<'_, [bool]> {
+        let key = SplitKey::of(task, seed);
+        if key == self.split_key {
+            Cow::Borrowed(&self.is_eval)
+        } else {
+            Cow::Owned(eval_mask(self.records.len(), key.fraction, seed, &key.name))
+        }
+    }
+
+    /// Redraws the stored split for the task's current settings; says whether it changed.
+    pub fn resplit(&mut self, task: &Task, seed: u64) -> bool {
+        let key = SplitKey::of(task, seed);
+        if key == self.split_key {
+            return false;
+        }
+        self.is_eval = eval_mask(self.records.len(), key.fraction, seed, &key.name);
+        self.name = task.name.clone();
+        self.split_key = key;
+        true
+    }
+
     /// Records rejected across all sources.
     pub fn rejected(&self) -> u64 {
         self.sources
@@ -48,22 +99,15 @@ impl TaskData {
         self.is_eval.iter().filter(|&&e| e).count()
     }
 
-    /// Records used for training.
-    pub fn train_records(&self) -> impl Iterator<Item = &Record> {
+    /// Records held out for evaluation under the task's current settings.
+    pub fn eval_records_for(&self, task: &Task, seed: u64) -> Vec<&Record> {
+        let split = self.eval_split(task, seed);
         self.records
             .iter()
-            .zip(&self.is_eval)
-            .filter(|(_, e)| !**e)
-            .map(|(r, _)| r)
-    }
-
-    /// Records held out for evaluation.
-    pub fn eval_records_iter(&self) -> impl Iterator<Item = &Record> {
-        self.records
-            .iter()
-            .zip(&self.is_eval)
+            .zip(split.iter())
             .filter(|(_, e)| **e)
             .map(|(r, _)| r)
+            .collect()
     }
 
     /// Sources that could not be read at all.
@@ -121,6 +165,7 @@ pub fn load_task(
         name: task.name.clone(),
         records,
         is_eval,
+        split_key: SplitKey::of(task, project.seed),
         sources,
     }
 }
@@ -133,4 +178,55 @@ pub fn load_project(project: &Project, progress: &mut dyn FnMut(LoadProgress)) -
         .enumerate()
         .map(|(i, t)| load_task(project, i, t, progress))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::record::{Origin, Role, Turn};
+
+    fn data(task: &Task, seed: u64, n: usize) -> TaskData {
+        let records: Vec<Record> = (0..n)
+            .map(|i| Record {
+                system: None,
+                turns: vec![
+                    Turn::new(Role::User, format!("q{i}")),
+                    Turn::new(Role::Assistant, format!("a{i}")),
+                ],
+                origin: Origin {
+                    source: 0,
+                    line: i as u64 + 1,
+                },
+            })
+            .collect();
+        TaskData {
+            name: task.name.clone(),
+            is_eval: eval_mask(n, task.eval_fraction, seed, &task.name),
+            split_key: SplitKey::of(task, seed),
+            records,
+            sources: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_split_follows_the_tasks_current_settings() {
+        let mut task = Task::new("math", "You are a mathematician.");
+        task.eval_fraction = 0.1;
+        let mut d = data(&task, 7, 50);
+        assert_eq!(d.eval_split(&task, 7).iter().filter(|&&e| e).count(), 5);
+        // A new share, name or seed draws the split again, as loading would.
+        task.eval_fraction = 0.2;
+        let fresh = eval_mask(50, 0.2, 7, "math");
+        assert_eq!(&*d.eval_split(&task, 7), fresh.as_slice());
+        task.name = "arithmetic".into();
+        assert_eq!(
+            &*d.eval_split(&task, 9),
+            eval_mask(50, 0.2, 9, "arithmetic").as_slice()
+        );
+        assert!(d.resplit(&task, 9));
+        assert_eq!(d.eval_records(), 10);
+        assert_eq!(d.name, "arithmetic");
+        assert!(!d.resplit(&task, 9));
+        assert_eq!(d.eval_records_for(&task, 9).len(), 10);
+    }
 }

@@ -4,88 +4,25 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::core::bpe::train_bpe;
 use crate::core::dataset::TaskData;
 use crate::core::packing::{
-    OverlongCounts, PackMode, PackPlan, PackSettings, PackedRow, SampleInfo, SampleTokens,
-    SegmentKind, build_row, plan,
+    ChunkMix, OverlongCounts, PackMode, PackPlan, PackSettings, PackedRow, SampleInfo,
+    SampleTokens, SegmentKind, best_fit_decreasing_rows, build_row, chunk_mix, plan,
+    trained_in_row,
 };
 use crate::core::project::Project;
 use crate::core::record::Origin;
-use crate::core::sampling::{MixturePreview, SampleRef, Strategy, TaskSize, sample_epoch};
+use crate::core::sampling::{MixturePreview, SampleRef, TaskSize, sample_epoch};
+use crate::core::settings::MixSettings;
 use crate::core::template::{ChatTemplate, TemplateChoice};
 use crate::core::tokenize::{LabelOptions, conversation, tokenize_prefix, tokenize_records};
 
 /// Vocabulary size of the built-in tokenizer trained on the project's text.
 pub const BUILTIN_VOCAB: usize = 4096;
-
-/// The sampling strategy as stored in the project file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StrategyKind {
-    /// Natural proportions.
-    Natural,
-    /// Equal samples per task.
-    #[default]
-    Balanced,
-    /// size^(1/T).
-    Temperature,
-    /// Task weights.
-    Weights,
-}
-
-/// Mixing settings, the project's `[mixing]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MixSettings {
-    /// Sampling strategy for the `balanced` and `moi` modes.
-    pub strategy: StrategyKind,
-    /// Temperature for the temperature strategy.
-    pub temperature: f64,
-    /// Epochs to train.
-    pub epochs: u32,
-    /// Chat template.
-    pub template: TemplateChoice,
-    /// A `tokenizer.json` (relative to the project file); the built-in tokenizer when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokenizer: Option<PathBuf>,
-    /// The `tokenizer_config.json` holding the chat template, for `template = "tokenizer"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokenizer_config: Option<PathBuf>,
-    /// Which tokens are trained.
-    pub labels: LabelOptions,
-}
-
-impl Default for MixSettings {
-    fn default() -> Self {
-        Self {
-            strategy: StrategyKind::Balanced,
-            temperature: 2.0,
-            epochs: 1,
-            template: TemplateChoice::Chatml,
-            tokenizer: None,
-            tokenizer_config: None,
-            labels: LabelOptions::default(),
-        }
-    }
-}
-
-impl MixSettings {
-    /// The sampling strategy these settings describe.
-    pub fn strategy(&self) -> Strategy {
-        match self.strategy {
-            StrategyKind::Natural => Strategy::Natural,
-            StrategyKind::Balanced => Strategy::Balanced,
-            StrategyKind::Temperature => Strategy::Temperature {
-                t: self.temperature,
-            },
-            StrategyKind::Weights => Strategy::Weights,
-        }
-    }
-}
 
 /// Why the engine could not get ready.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +145,8 @@ impl Prepared {
     ) -> Result<Self, MixError> {
         let mut tasks = Vec::with_capacity(project.tasks.len());
         for (task, d) in project.tasks.iter().zip(data) {
-            let train: Vec<usize> = (0..d.records.len()).filter(|&i| !d.is_eval[i]).collect();
+            let split = d.eval_split(task, project.seed);
+            let train: Vec<usize> = (0..d.records.len()).filter(|&i| !split[i]).collect();
             let records: Vec<_> = train.iter().map(|&i| &d.records[i]).collect();
             let results = tokenize_records(
                 tokenizer,
@@ -363,6 +301,12 @@ pub struct PackingPreview {
     pub padding: f64,
     /// Share of row tokens that are trained.
     pub trained_tokens: f64,
+    /// Chunks in the rows (instructions outside `moi` are a chunk each), how many mix tasks and
+    /// how many the sizes keep from mixing.
+    pub chunks: ChunkMix,
+    /// Fill a plain best-fit-decreasing packing of the same pieces reaches (tasks ignored): the
+    /// reference for `fill`.
+    pub best_fit_fill: f64,
     /// Over-long samples and what was done.
     pub overlong: OverlongCounts,
     /// Row-length histogram: 16 buckets of `max_seq_len / 16` tokens.
@@ -392,22 +336,30 @@ impl PackingPreview {
         }
         let mut samples = vec![0usize; prepared.tasks.len()];
         let mut tokens = vec![0u64; prepared.tasks.len()];
-        let mut trained = 0u64;
         for p in &plan.pieces {
             samples[p.sample.task as usize] += 1;
             tokens[p.sample.task as usize] += u64::from(p.len);
-            let s = prepared.sample(p.sample);
-            let end = (p.offset + p.len) as usize;
-            trained += s.labels[p.offset as usize..end.min(s.labels.len())]
-                .iter()
-                .filter(|&&l| l >= 0)
-                .count() as u64;
         }
+        // Counted as the rows are built (first token of each segment and dropped system blocks
+        // untrained), not from the samples' labels.
+        let trained: u64 = (0..plan.rows.len())
+            .map(|i| trained_in_row(&plan, i, &|s| prepared.sample(s), pack))
+            .sum();
         let all_samples: usize = samples.iter().sum();
         let all_tokens: u64 = tokens.iter().sum();
         let share = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let total = plan.tokens();
         let fill = plan.fill(max);
+        let chunks = chunk_mix(&plan, max as u32 - plan.prefix_len);
+        let best_fit_fill = if pack.mode == PackMode::Seq || plan.rows.is_empty() {
+            fill
+        } else {
+            let lens: Vec<u32> = plan.pieces.iter().map(|p| p.len).collect();
+            let capacity = max as u32 - plan.prefix_len;
+            let rows = best_fit_decreasing_rows(&lens, capacity).max(1) as u64;
+            let pieces: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+            (pieces + u64::from(plan.prefix_len) * rows) as f64 / (rows as f64 * max as f64)
+        };
         Self {
             mode: pack.mode,
             max_seq_len: max,
@@ -420,6 +372,8 @@ impl PackingPreview {
                 1.0 - fill
             },
             trained_tokens: share(trained as f64, total as f64),
+            chunks,
+            best_fit_fill,
             overlong: plan.overlong,
             histogram,
             tasks: prepared

@@ -15,6 +15,7 @@ pub mod project;
 pub mod record;
 pub mod runs;
 pub mod sampling;
+pub mod settings;
 pub mod split;
 pub mod template;
 pub mod tokenize;

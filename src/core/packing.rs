@@ -9,136 +9,16 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::core::sampling::{SampleRef, Strategy};
+use crate::core::sampling::SampleRef;
+pub use crate::core::settings::{AttentionLayout, Overlong, PackMode, PackSettings};
 
 /// Label value for tokens that are not trained.
 pub const IGNORE_INDEX: i32 = -100;
-
-/// The paper's packing variants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PackMode {
-    /// One conversation per row.
-    Seq,
-    /// Samples in natural proportions, packed.
-    Concat,
-    /// Balanced sampling, then packing.
-    Balanced,
-    /// Balanced chunks of one instruction per task, the default system prompt first in each row.
-    #[default]
-    Moi,
-}
-
-impl PackMode {
-    /// Every mode, in the paper's order.
-    pub const ALL: [PackMode; 4] = [
-        PackMode::Seq,
-        PackMode::Concat,
-        PackMode::Balanced,
-        PackMode::Moi,
-    ];
-
-    /// The sampling strategy this mode implies, given the user's choice for the balanced modes.
-    pub fn strategy(self, chosen: Strategy) -> Strategy {
-        match self {
-            PackMode::Seq | PackMode::Concat => Strategy::Natural,
-            PackMode::Balanced | PackMode::Moi => chosen,
-        }
-    }
-
-    /// The name used on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PackMode::Seq => "seq",
-            PackMode::Concat => "concat",
-            PackMode::Balanced => "balanced",
-            PackMode::Moi => "moi",
-        }
-    }
-}
-
-impl std::str::FromStr for PackMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        PackMode::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown packing mode '{s}': expected seq, concat, balanced or moi")
-            })
-    }
-}
-
-/// Who may attend to whom inside a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttentionLayout {
-    /// Causal across the whole row.
-    Full,
-    /// Each instruction sees only itself (and the row's default-prompt prefix).
-    Isolated,
-    /// Each chunk of instructions sees only itself (and the prefix).
-    #[default]
-    Chunk,
-}
-
-/// What to do with a sample longer than a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Overlong {
-    /// Keep its first tokens.
-    #[default]
-    Truncate,
-    /// Cut it into row-sized pieces.
-    Split,
-    /// Leave it out.
-    Drop,
-}
-
-/// Packing settings, saved in the project's `[packing]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PackSettings {
-    /// The variant.
-    pub mode: PackMode,
-    /// Longest row in tokens.
-    pub max_seq_len: usize,
-    /// Instructions per chunk in `moi` mode; 0 means one per task.
-    pub chunk_size: usize,
-    /// In `moi` mode, answer each row's first instruction under the default prompt instead of
-    /// its own task prompt.
-    pub first_under_default: bool,
-    /// Attention layout carried to the trainer as segment ids.
-    pub attention: AttentionLayout,
-    /// Restart position ids at each segment (after the shared prefix).
-    pub reset_position_ids: bool,
-    /// Over-long samples.
-    pub overlong: Overlong,
-    /// How many units the packer sorts (longest first) at a time before placing them; 1 places
-    /// them in the sampler's shuffled order, which mixes tasks best.
-    pub window: usize,
-}
-
-impl Default for PackSettings {
-    fn default() -> Self {
-        Self {
-            mode: PackMode::Moi,
-            max_seq_len: 2048,
-            chunk_size: 0,
-            first_under_default: false,
-            attention: AttentionLayout::Full,
-            reset_position_ids: false,
-            overlong: Overlong::Truncate,
-            window: 1,
-        }
-    }
-}
 
 /// Lengths the planner needs of a tokenized sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -259,111 +139,270 @@ fn fit(
     }
 }
 
-/// How many fitting bins the packer looks at when preferring a bin that lacks the item's task.
-const MIX_CANDIDATES: usize = 16;
-/// How much more room (in tokens) than the best fit a task-mixing choice may leave.
-const MIX_SLACK: u32 = 128;
+/// Rows partners are tried against per row that forms a chunk of one instruction, in large
+/// plans.
+const MIX_ATTEMPTS: usize = 24;
+/// Plans up to this many rows try every row as a partner.
+const MIX_EXHAUSTIVE_ROWS: usize = 2048;
+/// Passes over the rows, while one still improves.
+const MIX_PASSES: usize = 3;
 
-/// Share of pieces (the shortest) held back from the first pass to fill the gaps it leaves.
-const HOLD_BACK: f64 = 0.25;
-
-/// Open bins keyed by (remaining capacity, bin id), with the set of tasks each bin holds.
-struct Bins {
-    open: BTreeSet<(u32, u32)>,
-    tasks_in: Vec<u64>,
+/// Improves a packing so that more chunks mix tasks without adding a row: for each row with a
+/// chunk of one instruction, moves or swaps one of its units with one of another row wherever
+/// both still fit and the two rows then form more mixed chunks together (or as many, with fewer
+/// lone instructions). Rows emptied by moves are dropped. Returns the new number of bins.
+fn mix_rows(
+    bin_of: &mut [u32],
+    bins: usize,
+    lens: &[u32],
+    task_of: &[u32],
     capacity: u32,
+    k: usize,
+    rng: &mut ChaCha8Rng,
+) -> usize {
+    let tasks = task_of.iter().copied().max().map_or(0, |t| t as usize + 1);
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); bins];
+    for (u, &b) in bin_of.iter().enumerate() {
+        members[b as usize].push(u as u32);
+    }
+    let counts_of = |m: &[u32], out: &mut Vec<u32>| {
+        out.clear();
+        out.resize(tasks, 0);
+        for &u in m {
+            out[task_of[u as usize] as usize] += 1;
+        }
+    };
+    let mut loads: Vec<u32> = members
+        .iter()
+        .map(|m| m.iter().map(|&u| lens[u as usize]).sum())
+        .collect();
+    let mut order: Vec<usize> = (0..bins).collect();
+    order.shuffle(rng);
+    // Small plans try every other row as a partner; large ones a random sample.
+    let exhaustive = bins <= MIX_EXHAUSTIVE_ROWS;
+    let mut partners: Vec<usize> = order.clone();
+    let (mut c1, mut c2) = (Vec::new(), Vec::new());
+    let better = |a: (u32, u32), b: (u32, u32)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
+    for _pass in 0..MIX_PASSES {
+        let mut improved = false;
+        for &r in &order {
+            if exhaustive {
+                partners.shuffle(rng);
+            }
+            let tries = if exhaustive { bins } else { MIX_ATTEMPTS };
+            for attempt in 0..tries {
+                counts_of(&members[r], &mut c1);
+                let q1 = mixed_in(&c1, k);
+                if q1.1 == 0 || members[r].is_empty() {
+                    break;
+                }
+                let r2 = if exhaustive {
+                    partners[attempt]
+                } else {
+                    rng.random_range(0..bins)
+                };
+                if r2 == r || members[r2].is_empty() {
+                    continue;
+                }
+                counts_of(&members[r2], &mut c2);
+                let q2 = mixed_in(&c2, k);
+                let before = (q1.0 + q2.0, q1.1 + q2.1);
+                // The best move (a out of r, or b out of r2) or swap (a for b).
+                let mut best: Option<((u32, u32), Option<usize>, Option<usize>)> = None;
+                let n1 = members[r].len();
+                let n2 = members[r2].len();
+                for i in 0..=n1 {
+                    for j in 0..=n2 {
+                        let a = (i < n1).then_some(i);
+                        let b = (j < n2).then_some(j);
+                        let (ua, ub) = (a.map(|i| members[r][i]), b.map(|j| members[r2][j]));
+                        let (ta, tb) = (
+                            ua.map(|u| task_of[u as usize] as usize),
+                            ub.map(|u| task_of[u as usize] as usize),
+                        );
+                        if (a.is_none() && b.is_none()) || (ta.is_some() && ta == tb) {
+                            continue;
+                        }
+                        let la = ua.map_or(0, |u| lens[u as usize]);
+                        let lb = ub.map_or(0, |u| lens[u as usize]);
+                        if loads[r] - la + lb > capacity || loads[r2] - lb + la > capacity {
+                            continue;
+                        }
+                        if let Some(t) = ta {
+                            c1[t] -= 1;
+                            c2[t] += 1;
+                        }
+                        if let Some(t) = tb {
+                            c2[t] -= 1;
+                            c1[t] += 1;
+                        }
+                        let (x1, x2) = (mixed_in(&c1, k), mixed_in(&c2, k));
+                        if let Some(t) = ta {
+                            c1[t] += 1;
+                            c2[t] -= 1;
+                        }
+                        if let Some(t) = tb {
+                            c2[t] += 1;
+                            c1[t] -= 1;
+                        }
+                        let after = (x1.0 + x2.0, x1.1 + x2.1);
+                        if better(after, before) && best.is_none_or(|(q, _, _)| better(after, q)) {
+                            best = Some((after, a, b));
+                        }
+                    }
+                }
+                if let Some((_, a, b)) = best {
+                    let ua = a.map(|i| members[r].swap_remove(i));
+                    let ub = b.map(|j| members[r2].swap_remove(j));
+                    let (la, lb) = (
+                        ua.map_or(0, |u| lens[u as usize]),
+                        ub.map_or(0, |u| lens[u as usize]),
+                    );
+                    members[r].extend(ub);
+                    members[r2].extend(ua);
+                    loads[r] = loads[r] - la + lb;
+                    loads[r2] = loads[r2] - lb + la;
+                    improved = true;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
+    // Renumber the rows that still hold something, in their order.
+    let mut next = 0u32;
+    for m in &members {
+        if m.is_empty() {
+            continue;
+        }
+        for &u in m {
+            bin_of[u as usize] = next;
+        }
+        next += 1;
+    }
+    next as usize
 }
 
-impl Bins {
-    /// Puts a unit of `len` tokens from `task` into the best-fitting open bin that is left either
-    /// full or with at least `min_gap` tokens free (a smaller gap could never be used), preferring,
-    /// among bins nearly as tight, one without that task. Opens a bin when none qualifies.
-    fn place(&mut self, len: u32, task: u32, min_gap: u32) -> u32 {
-        let bit = 1u64 << (task % 64);
-        let exact = self.open.range((len, 0)..(len + 1, 0)).next().copied();
-        let tasks_in = &self.tasks_in;
-        let chosen = exact.or_else(|| {
-            let mut candidates = self
-                .open
-                .range((len + min_gap.max(1), 0)..)
-                .take(MIX_CANDIDATES);
-            let best = candidates.next().copied()?;
-            if tasks_in[best.1 as usize] & bit == 0 {
-                return Some(best);
-            }
-            Some(
-                candidates
-                    .take_while(|c| c.0 <= best.0 + MIX_SLACK)
-                    .find(|c| tasks_in[c.1 as usize] & bit == 0)
-                    .copied()
-                    .unwrap_or(best),
-            )
-        });
-        let (remaining, bin) = match chosen {
+/// Packs units row by row, longest first: each row starts with the longest unit left and is
+/// filled with the longest unit that fits — from a task the row lacks when one fits, else from
+/// one that keeps the row balanced (no task with more units than the others together, but
+/// one), else any. Sorted and best-fitting, this fills rows as tightly as best-fit decreasing;
+/// the task order keeps them mixed. Returns the bin of each unit and the number of bins.
+fn pack_rows_mixed(lens: &[u32], task_of: &[u32], capacity: u32) -> (Vec<u32>, usize) {
+    use std::collections::BTreeMap;
+    let tasks = task_of.iter().copied().max().map_or(0, |t| t as usize + 1);
+    // Per task: length → units of that length (a stack, sampler order kept).
+    let mut left: Vec<BTreeMap<u32, Vec<u32>>> = vec![BTreeMap::new(); tasks];
+    for (u, (&len, &t)) in lens.iter().zip(task_of).enumerate().rev() {
+        left[t as usize].entry(len).or_default().push(u as u32);
+    }
+    let take = |left: &mut Vec<BTreeMap<u32, Vec<u32>>>, t: usize, len: u32| -> Option<u32> {
+        let units = left[t].get_mut(&len)?;
+        let u = units.pop();
+        if units.is_empty() {
+            left[t].remove(&len);
+        }
+        u
+    };
+    let longest_fitting = |left: &Vec<BTreeMap<u32, Vec<u32>>>, t: usize, gap: u32| {
+        left[t].range(..=gap).next_back().map(|(&len, _)| len)
+    };
+    let mut order: Vec<u32> = (0..lens.len() as u32).collect();
+    order.sort_by(|&a, &b| lens[b as usize].cmp(&lens[a as usize]));
+    let mut placed = vec![false; lens.len()];
+    let mut bin_of = vec![0u32; lens.len()];
+    let mut bins = 0u32;
+    let mut counts = vec![0u32; tasks];
+    for &first in &order {
+        if placed[first as usize] {
+            continue;
+        }
+        let t0 = task_of[first as usize] as usize;
+        let u = take(&mut left, t0, lens[first as usize]).unwrap_or(first);
+        placed[u as usize] = true;
+        bin_of[u as usize] = bins;
+        counts.iter_mut().for_each(|c| *c = 0);
+        counts[t0] = 1;
+        let mut gap = capacity - lens[u as usize].min(capacity);
+        loop {
+            let total: u32 = counts.iter().sum();
+            // After joining, the task holds at most one unit more than the others together.
+            let balanced = |t: usize| 2 * (counts[t] + 1) <= total + 2;
+            let pick = |allowed: &dyn Fn(usize) -> bool| {
+                (0..tasks)
+                    .filter(|&t| allowed(t))
+                    .filter_map(|t| longest_fitting(&left, t, gap).map(|len| (len, t)))
+                    .max()
+            };
+            let Some((len, t)) = pick(&|t| counts[t] == 0)
+                .or_else(|| pick(&balanced))
+                .or_else(|| pick(&|_| true))
+            else {
+                break;
+            };
+            let Some(u) = take(&mut left, t, len) else {
+                break;
+            };
+            placed[u as usize] = true;
+            bin_of[u as usize] = bins;
+            counts[t] += 1;
+            gap -= len;
+        }
+        bins += 1;
+    }
+    (bin_of, bins as usize)
+}
+
+/// Rows a plain best-fit-decreasing packing of `lens` into rows of `capacity` needs (tasks
+/// ignored): the reference a task-mixing packer is measured against.
+pub fn best_fit_decreasing_rows(lens: &[u32], capacity: u32) -> usize {
+    let mut sorted: Vec<u32> = lens.iter().map(|&l| l.min(capacity)).collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut open: BTreeSet<(u32, u32)> = BTreeSet::new();
+    let mut rows = 0u32;
+    for len in sorted {
+        match open.range((len, 0)..).next().copied() {
             Some(key) => {
-                self.open.remove(&key);
-                (key.0 - len, key.1)
+                open.remove(&key);
+                if key.0 > len {
+                    open.insert((key.0 - len, key.1));
+                }
             }
             None => {
-                self.tasks_in.push(0);
-                (self.capacity - len, self.tasks_in.len() as u32 - 1)
+                if capacity > len {
+                    open.insert((capacity - len, rows));
+                }
+                rows += 1;
             }
-        };
-        self.tasks_in[bin as usize] |= bit;
-        if remaining > 0 {
-            self.open.insert((remaining, bin));
         }
-        bin
     }
+    rows as usize
 }
 
-/// Packs pieces of the given lengths into bins of `capacity`. The first pass takes them in the
-/// sampler's shuffled order (sorted only inside windows of `window`), so rows mix tasks; the
-/// shortest quarter is held back and placed last, longest first, into the gaps the first
-/// pass left (best-fit decreasing), which is what brings the fill close to full. Returns the bin
-/// of each unit and the number of bins.
-fn pack_units(lens: &[u32], task_of: &[u32], capacity: u32, window: usize) -> (Vec<u32>, usize) {
-    let n = lens.len();
-    let mut bin_of = vec![0u32; n];
-    let mut bins = Bins {
-        open: BTreeSet::new(),
-        tasks_in: Vec::new(),
-        capacity,
-    };
-    // The length up to which pieces are held back.
-    let cut = ((n as f64) * HOLD_BACK) as usize;
-    let threshold = if cut == 0 {
-        0
-    } else {
-        *lens.to_vec().select_nth_unstable(cut).1
-    };
-    let (first, held): (Vec<u32>, Vec<u32>) =
-        (0..n as u32).partition(|&u| lens[u as usize] > threshold);
-    let min_gap = lens.iter().copied().min().unwrap_or(0);
-    let window = window.max(1);
-    let mut order: Vec<u32> = Vec::with_capacity(window);
-    for chunk in first.chunks(window) {
-        order.clear();
-        order.extend_from_slice(chunk);
-        if window > 1 {
-            order.sort_by(|&a, &b| lens[b as usize].cmp(&lens[a as usize]));
-        }
-        for &u in &order {
-            bin_of[u as usize] = bins.place(lens[u as usize], task_of[u as usize], min_gap);
-        }
-    }
-    let mut held = held;
-    held.sort_by(|&a, &b| lens[b as usize].cmp(&lens[a as usize]));
-    for u in held {
-        bin_of[u as usize] = bins.place(lens[u as usize], task_of[u as usize], 0);
-    }
-    let count = bins.tasks_in.len();
-    (bin_of, count)
+/// How many chunks a row of these per-task instruction counts forms with chunks of up to `k`:
+/// as many as its most frequent task has instructions (one of them in each), more when `k`
+/// forces it.
+fn chunk_count(counts: &[u32], k: usize) -> u32 {
+    let total: u32 = counts.iter().sum();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    most.max(total.div_ceil(k.max(1) as u32))
 }
 
-/// Orders a row's pieces into chunks of up to `k` instructions, each from a different task
-/// where the row allows: chunk `c` takes the `c`-th instruction of every task present, in a
-/// shuffled task order.
+/// Mixed chunks and chunks of a single instruction that [`form_chunks`] makes of a row with
+/// these per-task counts: dealt over the chunks, every chunk of two or more holds distinct
+/// tasks, and a chunk is left alone only when one task has more instructions than the others.
+fn mixed_in(counts: &[u32], k: usize) -> (u32, u32) {
+    let total: u32 = counts.iter().sum();
+    let chunks = chunk_count(counts, k);
+    let single = (2 * chunks).saturating_sub(total).min(chunks);
+    (chunks - single, single)
+}
+
+/// Orders a row's pieces into chunks of up to `k` instructions of distinct tasks: the chunk
+/// count is the most frequent task's count (or what `k` needs), and tasks, most frequent
+/// first, are dealt round the chunks, so no chunk holds one task twice and a chunk of one
+/// instruction is left only when one task has more instructions in the row than all the others.
 fn form_chunks(pieces: &mut [Piece], k: usize, rng: &mut ChaCha8Rng) {
     let mut by_task: Vec<(u32, Vec<Piece>)> = Vec::new();
     for p in pieces.iter() {
@@ -373,25 +412,104 @@ fn form_chunks(pieces: &mut [Piece], k: usize, rng: &mut ChaCha8Rng) {
         }
     }
     by_task.shuffle(rng);
-    let mut out = Vec::with_capacity(pieces.len());
-    let mut chunk = 0u32;
-    let mut round = 0;
-    while out.len() < pieces.len() {
-        let mut in_chunk = 0;
-        for (_, list) in &by_task {
-            if let Some(p) = list.get(round) {
-                if in_chunk == k.max(1) {
-                    chunk += 1;
-                    in_chunk = 0;
-                }
-                out.push(Piece { chunk, ..*p });
-                in_chunk += 1;
-            }
+    // Stable: ties keep the shuffled task order.
+    by_task.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    let counts: Vec<u32> = by_task.iter().map(|(_, l)| l.len() as u32).collect();
+    let chunks = chunk_count(&counts, k).max(1) as usize;
+    let mut dealt: Vec<Vec<Piece>> = vec![Vec::new(); chunks];
+    let mut next = 0;
+    for (_, list) in &by_task {
+        for p in list {
+            dealt[next % chunks].push(*p);
+            next += 1;
         }
-        chunk += 1;
-        round += 1;
+    }
+    let mut out = Vec::with_capacity(pieces.len());
+    for (c, mut chunk) in dealt.into_iter().enumerate() {
+        chunk.shuffle(rng);
+        out.extend(chunk.into_iter().map(|p| Piece {
+            chunk: c as u32,
+            ..p
+        }));
     }
     pieces.copy_from_slice(&out);
+}
+
+/// How a plan's chunks mix tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ChunkMix {
+    /// Chunks in the rows (the default prompt is none).
+    pub chunks: usize,
+    /// Chunks holding instructions of two or more distinct tasks (what MoI mixes).
+    pub mixed: usize,
+    /// Chunks the sizes keep from mixing: a row's only instruction, too long to share its row
+    /// with the shortest instruction of any other task.
+    pub unmixable: usize,
+}
+
+impl ChunkMix {
+    /// Share of all chunks that mix tasks.
+    pub fn share(&self) -> f64 {
+        if self.chunks == 0 {
+            0.0
+        } else {
+            self.mixed as f64 / self.chunks as f64
+        }
+    }
+
+    /// Share of the chunks the sizes allow to mix that do.
+    pub fn share_of_mixable(&self) -> f64 {
+        let mixable = self.chunks - self.unmixable;
+        if mixable == 0 {
+            1.0
+        } else {
+            self.mixed as f64 / mixable as f64
+        }
+    }
+}
+
+/// Counts a plan's chunks, the mixed ones and the ones sizes keep from mixing; `capacity` is a
+/// row's room for instructions (after the default prompt).
+pub fn chunk_mix(plan: &PackPlan, capacity: u32) -> ChunkMix {
+    let mut shortest: Vec<u32> = Vec::new();
+    for p in &plan.pieces {
+        let t = p.sample.task as usize;
+        if shortest.len() <= t {
+            shortest.resize(t + 1, u32::MAX);
+        }
+        shortest[t] = shortest[t].min(p.len);
+    }
+    let shortest_other = |task: usize| {
+        shortest
+            .iter()
+            .enumerate()
+            .filter(|&(t, _)| t != task)
+            .map(|(_, &l)| l)
+            .min()
+            .unwrap_or(u32::MAX)
+    };
+    let mut mix = ChunkMix::default();
+    for i in 0..plan.rows.len() {
+        let pieces = plan.row_pieces(i);
+        if let [only] = pieces
+            && only
+                .len
+                .saturating_add(shortest_other(only.sample.task as usize))
+                > capacity
+        {
+            mix.unmixable += 1;
+        }
+        let mut start = 0;
+        while start < pieces.len() {
+            let c = pieces[start].chunk;
+            let end = start + pieces[start..].iter().take_while(|p| p.chunk == c).count();
+            let tasks: BTreeSet<u32> = pieces[start..end].iter().map(|p| p.sample.task).collect();
+            mix.chunks += 1;
+            mix.mixed += usize::from(tasks.len() >= 2);
+            start = end;
+        }
+    }
+    mix
 }
 
 /// Plans the rows of one epoch.
@@ -433,7 +551,25 @@ pub fn plan(
     } else {
         let lens: Vec<u32> = pieces.iter().map(|p| p.len).collect();
         let task_of: Vec<u32> = pieces.iter().map(|p| p.sample.task).collect();
-        pack_units(&lens, &task_of, capacity, settings.window)
+        let (mut bin_of, mut bins) = pack_rows_mixed(&lens, &task_of, capacity);
+        if moi {
+            let k = if settings.chunk_size == 0 {
+                num_tasks.max(1)
+            } else {
+                settings.chunk_size
+            };
+            bins = mix_rows(&mut bin_of, bins, &lens, &task_of, capacity, k, &mut rng);
+        }
+        // Rows in a seeded random order, not longest-first as the packer opened them.
+        let mut order: Vec<u32> = (0..bins as u32).collect();
+        order.shuffle(&mut rng);
+        (
+            bin_of
+                .iter()
+                .map(|&b| order[b as usize])
+                .collect::<Vec<u32>>(),
+            bins,
+        )
     };
 
     // 3. Lay the rows out, keeping each row's pieces in placement order (a counting sort).
@@ -561,6 +697,52 @@ impl PackedRow {
     }
 }
 
+/// The token range of a piece that lands in its row and the system block it leaves out (the
+/// row's first instruction answered under the default prompt drops its own).
+fn piece_tokens(
+    plan: &PackPlan,
+    n: usize,
+    piece: &Piece,
+    sample: &SampleTokens,
+    settings: &PackSettings,
+) -> (Range<usize>, Range<usize>) {
+    let from = piece.offset as usize;
+    let to = (from + piece.len as usize).min(sample.input_ids.len());
+    let mut skip = from..from;
+    if n == 0
+        && settings.first_under_default
+        && settings.mode == PackMode::Moi
+        && plan.prefix_len > 0
+        && from == 0
+        && sample.system.end as usize <= to
+    {
+        skip = sample.system.start as usize..sample.system.end as usize;
+    }
+    (from..to, skip)
+}
+
+/// Trained tokens of row `i` as [`build_row`] builds it, counted without building it: each
+/// piece's labels, less its system block when dropped and less its first token (never
+/// predicted from the segment before it).
+pub fn trained_in_row<'a>(
+    plan: &PackPlan,
+    i: usize,
+    tokens: &dyn Fn(SampleRef) -> &'a SampleTokens,
+    settings: &PackSettings,
+) -> u64 {
+    let mut trained = 0;
+    for (n, piece) in plan.row_pieces(i).iter().enumerate() {
+        let sample = tokens(piece.sample);
+        let (range, skip) = piece_tokens(plan, n, piece, sample, settings);
+        let mut kept = range.filter(|t| !skip.contains(t));
+        // The first kept token's label is cleared in the row.
+        if kept.next().is_some() {
+            trained += kept.filter(|&t| sample.labels[t] >= 0).count() as u64;
+        }
+    }
+    trained
+}
+
 /// Builds row `i` of a plan from token data.
 pub fn build_row<'a>(
     plan: &PackPlan,
@@ -596,19 +778,9 @@ pub fn build_row<'a>(
     let prefix_end = row.input_ids.len();
     for (n, piece) in plan.row_pieces(i).iter().enumerate() {
         let sample = tokens(piece.sample);
-        let from = piece.offset as usize;
-        let to = (from + piece.len as usize).min(sample.input_ids.len());
-        let mut skip = from..from;
         // The row's first instruction may be answered under the default prompt alone.
-        if n == 0
-            && settings.first_under_default
-            && settings.mode == PackMode::Moi
-            && prefix_len > 0
-            && from == 0
-            && sample.system.end as usize <= to
-        {
-            skip = sample.system.start as usize..sample.system.end as usize;
-        }
+        let (range, skip) = piece_tokens(plan, n, piece, sample, settings);
+        let (from, to) = (range.start, range.end);
         let start = row.input_ids.len() as u32;
         let mut system = start..start;
         for t in from..to {
@@ -683,7 +855,7 @@ pub fn build_row<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::sampling::{TaskSize, sample_epoch};
+    use crate::core::sampling::{Strategy, TaskSize, sample_epoch};
 
     fn lengths(task: u32, record: u32) -> u32 {
         // Three tasks: short, medium and long answers.
@@ -855,22 +1027,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn built_rows_start_with_the_default_prompt_and_carry_labels_and_layouts() {
-        let store: Vec<Vec<SampleTokens>> = (0..3)
-            .map(|t| (0..4).map(|r| toy_tokens(t, r)).collect())
+    /// Toy samples of three tasks (`per_task` each), a balanced epoch of them and a two-token
+    /// default-prompt prefix.
+    fn toy_epoch(per_task: u32) -> (Vec<Vec<SampleTokens>>, Vec<SampleRef>, SampleTokens) {
+        let store = (0..3)
+            .map(|t| (0..per_task).map(|r| toy_tokens(t, r)).collect())
             .collect();
-        let e = epoch(&[4, 4, 4], Strategy::Balanced);
-        let info = |_s: SampleRef| SampleInfo {
-            len: 7,
-            trained: 2,
-            system_len: 3,
-        };
+        let n = per_task as usize;
         let prefix = SampleTokens {
             input_ids: vec![9001, 9002],
             labels: vec![IGNORE_INDEX; 2],
             system: 0..2,
         };
+        (store, epoch(&[n, n, n], Strategy::Balanced), prefix)
+    }
+
+    fn toy_info(_s: SampleRef) -> SampleInfo {
+        SampleInfo {
+            len: 7,
+            trained: 2,
+            system_len: 3,
+        }
+    }
+
+    #[test]
+    fn built_rows_start_with_the_default_prompt_and_carry_labels_and_layouts() {
+        let (store, e, prefix) = toy_epoch(4);
+        let info = toy_info;
         for attention in [
             AttentionLayout::Full,
             AttentionLayout::Isolated,
@@ -987,6 +1170,47 @@ mod tests {
             }
         }
         assert_eq!(segments, 3, "40 tokens split in two, plus the short sample");
+    }
+
+    #[test]
+    fn trained_tokens_are_counted_as_rows_are_built() {
+        // Samples with a system block and answers; some rows answer their first instruction
+        // under the default prompt.
+        let (store, e, prefix) = toy_epoch(40);
+        let info = toy_info;
+        for first_under_default in [false, true] {
+            let s = PackSettings {
+                first_under_default,
+                max_seq_len: 32,
+                ..PackSettings::default()
+            };
+            let p = plan(&e, &info, 3, 2, &s, 4);
+            let tokens = |r: SampleRef| &store[r.task as usize][r.record as usize];
+            for i in 0..p.rows.len() {
+                let row = build_row(&p, i, &tokens, &prefix, &s);
+                let built = row.labels.iter().filter(|&&l| l >= 0).count() as u64;
+                assert_eq!(trained_in_row(&p, i, &tokens, &s), built, "row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_fill_like_best_fit_decreasing_and_chunks_mix_tasks() {
+        let e = epoch(&[3000, 3000, 3000], Strategy::Balanced);
+        let s = settings(PackMode::Moi);
+        let p = plan(&e, &info, 3, 12, &s, 1);
+        let lens: Vec<u32> = p.pieces.iter().map(|x| x.len).collect();
+        let reference = best_fit_decreasing_rows(&lens, 2048 - 12);
+        assert!(
+            p.rows.len() as f64 <= reference as f64 * 1.01,
+            "{} rows, best-fit decreasing {reference}",
+            p.rows.len()
+        );
+        let mix = chunk_mix(&p, 2048 - 12);
+        assert!(mix.share_of_mixable() >= 0.9, "{mix:?}");
+        // Rows come in a shuffled order, not longest first.
+        let lens: Vec<u32> = p.rows.iter().map(|r| r.len).collect();
+        assert!(lens.windows(2).any(|w| w[0] < w[1]));
     }
 
     #[test]

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::core::eval::AnswerCheck;
 use crate::core::fsutil::{normalize, relative_to, write_atomic};
 use crate::core::import::{ColumnMapping, Format, ImportOptions};
-use crate::core::mixing::MixSettings;
 use crate::core::packing::PackSettings;
 use crate::core::record::SystemRule;
+use crate::core::settings::MixSettings;
 use crate::core::train_settings::TrainSettings;
 
 /// The project-file layout this build writes.
@@ -247,6 +247,11 @@ fn migrate(table: &mut toml::Table, path: &Path) -> Result<(), ProjectError> {
     Ok(())
 }
 
+/// The folder of the presets bundled with the studio (its source tree's `presets/`).
+pub fn bundled_presets_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets")
+}
+
 impl Project {
     /// Opens a project file.
     pub fn load(path: &Path) -> Result<Self, ProjectError> {
@@ -297,15 +302,6 @@ impl Project {
                 "packing.max_seq_len {} is too small (16 tokens at least)",
                 packing.max_seq_len
             )));
-        }
-        if packing.reset_position_ids
-            && packing.attention == crate::core::packing::AttentionLayout::Full
-        {
-            return Err(invalid(
-                "packing.reset_position_ids needs attention = \"isolated\" or \"chunk\": with \
-                 full attention, restarted positions would see later positions before them"
-                    .to_string(),
-            ));
         }
         let t = self.mixing.temperature;
         if !(t.is_finite() && t > 0.0) {
@@ -399,6 +395,49 @@ impl Project {
         })
     }
 
+    /// Where this project's runs go: `runs/` beside the project file, except for the presets
+    /// bundled with the studio, whose runs go to the user's data directory
+    /// (`$XDG_DATA_HOME/moi-studio/runs/<project>` on Linux) so the install stays untouched.
+    pub fn runs_dir(&self) -> PathBuf {
+        let data_dir = directories::ProjectDirs::from("", "", "moi-studio")
+            .map(|d| d.data_dir().to_path_buf());
+        self.runs_dir_in(&bundled_presets_dir(), data_dir.as_deref())
+    }
+
+    /// [`Project::runs_dir`] with the presets folder and the user's data directory given.
+    pub fn runs_dir_in(&self, presets: &Path, data_dir: Option<&Path>) -> PathBuf {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => normalize(a) == normalize(b),
+        };
+        match data_dir {
+            Some(data) if same(&self.base_dir, presets) => {
+                let slug: String = self
+                    .name
+                    .chars()
+                    .map(|c| {
+                        if c.is_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect::<String>()
+                    .split('-')
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("-");
+                let slug = if slug.is_empty() {
+                    "project".to_string()
+                } else {
+                    slug
+                };
+                data.join("runs").join(slug)
+            }
+            _ => self.base_dir.join("runs"),
+        }
+    }
+
     /// A source's path as it is on disk.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {
@@ -427,6 +466,31 @@ impl Project {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_of_bundled_presets_go_to_the_data_directory() {
+        let presets = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let mut p = Project {
+            name: "Demo: math, code and tool use".into(),
+            base_dir: presets.path().to_path_buf(),
+            ..Project::default()
+        };
+        assert_eq!(
+            p.runs_dir_in(presets.path(), Some(data.path())),
+            data.path().join("runs/demo-math-code-and-tool-use")
+        );
+        // The user's own projects keep their runs beside them.
+        let mine = tempfile::tempdir().unwrap();
+        p.base_dir = mine.path().to_path_buf();
+        assert_eq!(
+            p.runs_dir_in(presets.path(), Some(data.path())),
+            mine.path().join("runs")
+        );
+        // The real presets folder is the source tree's.
+        p.base_dir = bundled_presets_dir();
+        assert!(!p.runs_dir().starts_with(bundled_presets_dir()));
+    }
     use crate::core::import::MapRole;
 
     fn sample() -> Project {

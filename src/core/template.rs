@@ -130,6 +130,9 @@ pub struct ChatTemplate {
     pub eos_token: String,
     /// The marker that ends an assistant turn (e.g. `<|im_end|>`), found by probing the template.
     pub end_of_turn: String,
+    /// Every marker that may close an assistant turn: the last turn's and an earlier turn's
+    /// (gpt-oss style templates end them differently).
+    end_markers: Vec<String>,
     /// The Jinja source, to write into exported tokenizer configs.
     pub source: String,
 }
@@ -238,9 +241,11 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             end_of_turn: String::new(),
+            end_markers: Vec::new(),
             source: source.to_string(),
         };
-        template.end_of_turn = template.probe_end_of_turn()?;
+        template.end_markers = template.probe_end_markers()?;
+        template.end_of_turn = template.end_markers.first().cloned().unwrap_or_default();
         Ok(template)
     }
 
@@ -357,11 +362,15 @@ impl ChatTemplate {
             .enumerate()
             .map(|(i, (m, range))| {
                 let mut range = range;
-                if m.role == "assistant" && !self.end_of_turn.is_empty() {
+                if m.role == "assistant" {
                     let rest = &text[range.end..];
                     let gap = rest.len() - rest.trim_start().len();
-                    if rest[gap..].starts_with(&self.end_of_turn) {
-                        range.end += gap + self.end_of_turn.len();
+                    if let Some(marker) = self
+                        .end_markers
+                        .iter()
+                        .find(|marker| rest[gap..].starts_with(marker.as_str()))
+                    {
+                        range.end += gap + marker.len();
                     }
                 }
                 MessageSpan {
@@ -402,24 +411,44 @@ impl ChatTemplate {
         Ok(Some(parts))
     }
 
-    /// Finds what the template writes right after an assistant's text: its end-of-turn marker.
-    fn probe_end_of_turn(&self) -> Result<String, TemplateError> {
+    /// Finds the markers that close an assistant turn: the tag (`<…>`) the template writes
+    /// right after the last answer of a conversation, and the one after an answer that a user
+    /// turn follows. Text that follows a marker (a newline, the next header, a generation prompt
+    /// written whatever `add_generation_prompt` says) is never part of it. A template that
+    /// writes no tag after the last answer has no marker: a tag there before the next turn is
+    /// that turn's header.
+    fn probe_end_markers(&self) -> Result<Vec<String>, TemplateError> {
         const ANSWER: &str = "MOI_PROBE_ANSWER";
-        let probe = [
-            ChatMessage::new(Role::User, "MOI_PROBE_QUESTION"),
-            ChatMessage::new(Role::Assistant, ANSWER),
-        ];
-        let text = self.render(&probe, false)?;
-        let Some(at) = text.rfind(ANSWER) else {
-            return Ok(String::new());
+        let after_answer = |messages: &[ChatMessage]| -> Option<String> {
+            let text = self.render(messages, false).ok()?;
+            let at = text.find(ANSWER)?;
+            leading_tag(text[at + ANSWER.len()..].trim_start()).map(str::to_string)
         };
-        let after = text[at + ANSWER.len()..].trim_start();
-        Ok(after
-            .split(|c: char| c.is_whitespace())
-            .next()
-            .unwrap_or("")
-            .to_string())
+        let question = ChatMessage::new(Role::User, "MOI_PROBE_QUESTION");
+        let answer = ChatMessage::new(Role::Assistant, ANSWER);
+        // The single-turn probe must render; a template that refuses it is unusable.
+        self.render(&[question.clone(), answer.clone()], false)?;
+        let mut markers = Vec::new();
+        if let Some(last) = after_answer(&[question.clone(), answer.clone()]) {
+            markers.push(last);
+            let follow = ChatMessage::new(Role::User, "MOI_PROBE_FOLLOW_UP");
+            if let Some(mid) = after_answer(&[question, answer, follow])
+                && !markers.contains(&mid)
+            {
+                markers.push(mid);
+            }
+        }
+        Ok(markers)
     }
+}
+
+/// The tag a text starts with: `<|im_end|>`, `</s>`, `<end_of_turn>`, `<｜end▁of▁sentence｜>`.
+fn leading_tag(text: &str) -> Option<&str> {
+    if !text.starts_with('<') {
+        return None;
+    }
+    let end = text[1..].find(|c: char| c == '>' || c == '<' || c.is_whitespace())? + 1;
+    (text.as_bytes()[end] == b'>' && end > 1).then(|| &text[..=end])
 }
 
 /// Cuts `text` at the template's separators; `None` when they are not where they should be.
@@ -457,11 +486,22 @@ fn locate_by_search(
     let mut ranges = Vec::with_capacity(messages.len());
     let mut cursor = 0;
     for (i, m) in messages.iter().enumerate() {
-        let needle = if text[cursor..].contains(m.content.as_str()) {
-            m.content.as_str()
-        } else {
-            m.content.trim()
-        };
+        // As written, or trimmed (templates may trim), or without a reasoning block that
+        // templates drop from earlier turns (`<think>…</think>` in Qwen3 and DeepSeek-R1).
+        let rest = &text[cursor..];
+        let without_reasoning = m
+            .content
+            .rsplit_once("</think>")
+            .map(|(_, answer)| answer.trim());
+        let needle = [
+            Some(m.content.as_str()),
+            Some(m.content.trim()),
+            without_reasoning,
+        ]
+        .into_iter()
+        .flatten()
+        .find(|n| rest.contains(n))
+        .unwrap_or(m.content.trim());
         let start = if needle.is_empty() {
             cursor
         } else {

@@ -4,22 +4,12 @@
 
 use std::ops::Range;
 
-use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::core::packing::{IGNORE_INDEX, SampleTokens};
 use crate::core::record::{Record, Role, SystemRule};
+pub use crate::core::settings::LabelOptions;
 use crate::core::template::{ChatMessage, ChatTemplate, TemplateError};
-
-/// Which tokens get labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LabelOptions {
-    /// Train on every token (system and user text too), not only on the answers.
-    pub train_on_prompt: bool,
-    /// Train only the last assistant turn of each conversation.
-    pub last_turn_only: bool,
-}
 
 /// Why a record could not be tokenized.
 #[derive(Debug, thiserror::Error)]

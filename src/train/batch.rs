@@ -27,8 +27,52 @@ pub struct Batch {
     pub trained: usize,
 }
 
-/// Pads `rows` to the longest and builds the batch.
+/// What a whole optimizer step's loss is normalised by: trained targets and samples over every
+/// micro-batch of the step, so gradient accumulation gives the loss of one big batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepNorm {
+    /// Token mean or per-sample mean.
+    pub norm: LossNorm,
+    /// Trained targets in the step.
+    pub trained: usize,
+    /// Samples (instructions with at least one trained target) in the step.
+    pub samples: usize,
+}
+
+impl StepNorm {
+    /// Counts over the rows of every micro-batch of one step.
+    pub fn of<'a>(rows: impl IntoIterator<Item = &'a PackedRow>, norm: LossNorm) -> Self {
+        let mut trained = 0;
+        let mut samples = 0;
+        for row in rows {
+            for seg in row
+                .segments
+                .iter()
+                .filter(|s| s.kind == SegmentKind::Instruction)
+            {
+                let n = (seg.tokens.start.max(1) as usize..seg.tokens.end as usize)
+                    .filter(|&j| row.labels[j] >= 0)
+                    .count();
+                trained += n;
+                samples += usize::from(n > 0);
+            }
+        }
+        Self {
+            norm,
+            trained,
+            samples,
+        }
+    }
+}
+
+/// Pads `rows` to the longest and builds the batch, its weights summing to one over `rows`.
 pub fn make_batch(rows: &[PackedRow], norm: LossNorm, device: &Device) -> Result<Batch> {
+    make_step_batch(rows, &StepNorm::of(rows, norm), device)
+}
+
+/// Pads `rows` (one micro-batch) to the longest and builds the batch, its weights normalised over
+/// the whole step `step` describes: the micro-batches' losses add up to the step's loss.
+pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> Result<Batch> {
     let t = rows
         .iter()
         .map(|r| r.input_ids.len())
@@ -65,11 +109,11 @@ pub fn make_batch(rows: &[PackedRow], norm: LossNorm, device: &Device) -> Result
         }
     }
     let trained = owner.iter().filter(|o| o.is_some()).count();
-    match norm {
+    match step.norm {
         LossNorm::TokenMean => {
             for (w, o) in weights.iter_mut().zip(&owner) {
                 if o.is_some() {
-                    *w = 1.0 / trained.max(1) as f32;
+                    *w = 1.0 / step.trained.max(1) as f32;
                 }
             }
         }
@@ -78,7 +122,7 @@ pub fn make_batch(rows: &[PackedRow], norm: LossNorm, device: &Device) -> Result
             for o in owner.iter().flatten() {
                 *counts.entry(*o).or_default() += 1;
             }
-            let samples = counts.len().max(1) as f32;
+            let samples = step.samples.max(1) as f32;
             for (w, o) in weights.iter_mut().zip(&owner) {
                 if let Some(key) = o {
                     *w = 1.0 / (counts[key] as f32 * samples);
@@ -147,6 +191,17 @@ mod tests {
         }
     }
 
+    /// The first instruction of [`row`] alone.
+    fn short_row() -> PackedRow {
+        let mut short = row();
+        short.input_ids.truncate(4);
+        short.labels.truncate(4);
+        short.position_ids.truncate(4);
+        short.segment_ids.truncate(4);
+        short.segments.truncate(1);
+        short
+    }
+
     #[test]
     fn weights_follow_the_normalisation() {
         let dev = Device::Cpu;
@@ -175,15 +230,65 @@ mod tests {
     #[test]
     fn padding_adds_nothing_to_the_batch() {
         let dev = Device::Cpu;
-        let mut short = row();
-        short.input_ids.truncate(4);
-        short.labels.truncate(4);
-        short.position_ids.truncate(4);
-        short.segment_ids.truncate(4);
-        short.segments.truncate(1);
-        let b = make_batch(&[row(), short], LossNorm::TokenMean, &dev).unwrap();
+        let b = make_batch(&[row(), short_row()], LossNorm::TokenMean, &dev).unwrap();
         assert_eq!(b.input_ids.dims(), &[2, 10]);
         assert_eq!(b.tokens, 14);
         assert_eq!(b.trained, 8);
+    }
+
+    #[test]
+    fn accumulated_micro_batches_give_the_loss_and_gradients_of_one_batch() {
+        use crate::train::config::ModelConfig;
+        use crate::train::model::{named_vars, new_trainable};
+        let dev = Device::Cpu;
+        let config = ModelConfig {
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(1),
+            max_position_embeddings: 32,
+            ..ModelConfig::tiny(32)
+        };
+        let (model, weights) = new_trainable(&config, 3, &dev).unwrap();
+        let vars = named_vars(&weights);
+        // Rows of very different sizes: 10 trained tokens against 3.
+        let rows = [row(), short_row(), row(), short_row()];
+        for norm in [LossNorm::TokenMean, LossNorm::SampleMean] {
+            let whole = make_batch(&rows, norm, &dev).unwrap();
+            let whole_loss = batch_loss(&model, &whole).unwrap();
+            let whole_grads = whole_loss.backward().unwrap();
+            let step = StepNorm::of(&rows, norm);
+            let mut sum = 0f32;
+            let mut grads: Vec<Tensor> = Vec::new();
+            for micro in rows.chunks(1) {
+                let b = make_step_batch(micro, &step, &dev).unwrap();
+                let loss = batch_loss(&model, &b).unwrap();
+                sum += loss.to_scalar::<f32>().unwrap();
+                let g = loss.backward().unwrap();
+                for (i, (_, v)) in vars.iter().enumerate() {
+                    let gi = g.get(v.as_tensor()).unwrap().clone();
+                    if grads.len() <= i {
+                        grads.push(gi);
+                    } else {
+                        grads[i] = (&grads[i] + gi).unwrap();
+                    }
+                }
+            }
+            let want = whole_loss.to_scalar::<f32>().unwrap();
+            assert!((sum - want).abs() < 1e-5, "{norm:?}: {sum} vs {want}");
+            for ((name, v), g) in vars.iter().zip(&grads) {
+                let w = whole_grads.get(v.as_tensor()).unwrap();
+                let diff = (g - w)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-5, "{norm:?} {name}: gradients differ by {diff}");
+            }
+        }
     }
 }

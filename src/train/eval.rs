@@ -70,7 +70,11 @@ impl EvalSet {
         let mut tasks = Vec::new();
         for (task, d) in project.tasks.iter().zip(data) {
             let mut items: [Vec<EvalItem>; 2] = [Vec::new(), Vec::new()];
-            for record in d.eval_records_iter().take(max_items) {
+            for record in d
+                .eval_records_for(task, project.seed)
+                .into_iter()
+                .take(max_items)
+            {
                 let Some(last) = record.turns.iter().rposition(|t| t.role == Role::Assistant)
                 else {
                     continue;

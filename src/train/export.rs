@@ -24,10 +24,25 @@ pub fn save_model_folder(
     weights: &[(String, Tensor)],
     tokenizer: &Tokenizer,
     chat_template: &str,
+    bos: &str,
     eos: &str,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut hf = serde_json::to_value(config)?;
+    // Rotary scaling under the key transformers reads (`rope_scaling`; transformers 5 turns it
+    // into `rope_parameters`), not under our own field name.
+    if let Some(map) = hf.as_object_mut() {
+        map.remove("llama3_rope");
+    }
+    if let Some(r) = &config.llama3_rope {
+        hf["rope_scaling"] = json!({
+            "rope_type": "llama3",
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+        });
+    }
     hf["architectures"] = json!([match config.model_type.as_str() {
         "qwen2" => "Qwen2ForCausalLM",
         "mistral" => "MistralForCausalLM",
@@ -44,12 +59,17 @@ pub fn save_model_folder(
         .to_string(true)
         .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
     write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
-    let tok_config = json!({
+    let mut tok_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": eos,
         "chat_template": chat_template,
         "model_max_length": config.max_position_embeddings,
     });
+    if !bos.is_empty() {
+        // Templates that open with `{{ bos_token }}` need it; plain text gets a BOS only where
+        // tokenizer.json's post-processor adds one, as before.
+        tok_config["bos_token"] = json!(bos);
+    }
     write_atomic(
         &dir.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&tok_config)?.as_bytes(),

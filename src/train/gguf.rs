@@ -146,15 +146,57 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{mapped}"))
 }
 
-/// Rebuilds a byte-level BPE tokenizer from `tokenizer.ggml.*` metadata.
+/// The pre-tokenizer split of Llama 3 (`llama-bpe`): contractions, words, runs of up to three
+/// digits, punctuation, new lines and spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split: as Llama 3's, with every digit on its own.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GGUF token types (`tokenizer.ggml.token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
+/// Rebuilds the tokenizer from `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`, with the
+/// `gpt2`, `smollm`, `llama-bpe` and `qwen2` pre-tokenizers) or a SentencePiece vocabulary
+/// (`llama`: Llama 2, Mistral, TinyLlama).
 fn tokenizer_from_meta(meta: &Meta) -> Result<Tokenizer, GgufError> {
     let model = meta.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(meta.err(format!(
-            "tokenizer model \"{model}\" is not supported (only byte-level BPE, \"gpt2\")"
-        )));
-    }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = match meta.get("tokenizer.ggml.token_type") {
+        Ok(v) => v
+            .to_vec()
+            .map_err(|e| meta.err(format!("\"tokenizer.ggml.token_type\": {e}")))?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(TOKEN_NORMAL))
+            .collect(),
+        Err(_) => vec![TOKEN_NORMAL; tokens.len()],
+    };
+    let mut tokenizer = match model.as_str() {
+        "gpt2" => byte_level_tokenizer(meta, &tokens)?,
+        "llama" => sentencepiece_tokenizer(meta, &tokens, &types)?,
+        other => {
+            return Err(meta.err(format!(
+                "tokenizer model \"{other}\" is not supported (byte-level BPE \"gpt2\" and \
+                 SentencePiece \"llama\" are)"
+            )));
+        }
+    };
+    // Control and user-defined tokens are matched whole in raw text, as special tokens.
+    let special: Vec<AddedToken> = types
+        .iter()
+        .zip(&tokens)
+        .filter(|(t, _)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
+        .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(special)
+        .map_err(|e| meta.err(format!("adding the control tokens: {e}")))?;
+    Ok(tokenizer)
+}
+
+/// Byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_tokenizer(meta: &Meta, tokens: &[String]) -> Result<Tokenizer, GgufError> {
     let merges: Vec<(String, String)> = meta
         .strings("tokenizer.ggml.merges")?
         .into_iter()
@@ -168,43 +210,277 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<Tokenizer, GgufError> {
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| meta.err(format!("building the BPE model: {e}")))?;
-    let mut tokenizer = Tokenizer::new(bpe);
     let pre = meta
         .string("tokenizer.ggml.pre")
         .unwrap_or_else(|_| "gpt2".to_string());
+    let split = |pattern: &str| -> Result<PreTokenizerWrapper, GgufError> {
+        let regex = tokenizers::pre_tokenizers::split::SplitPattern::Regex(pattern.to_string());
+        let split = tokenizers::pre_tokenizers::split::Split::new(
+            regex,
+            tokenizers::SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| meta.err(format!("building the {pre} pre-tokenizer: {e}")))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into())
+    };
     let byte_level = ByteLevel::new(false, true, true);
     let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
         // SmolLM splits every digit on its own before the GPT-2 byte-level split.
         "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
         "gpt2" | "default" => byte_level.into(),
+        "llama-bpe" | "llama3" => split(LLAMA3_SPLIT)?,
+        "qwen2" => split(QWEN2_SPLIT)?,
         other => {
             return Err(meta.err(format!(
-                "pre-tokenizer \"{other}\" is not supported yet (smollm and gpt2 are)"
+                "pre-tokenizer \"{other}\" is not supported (gpt2, smollm, llama-bpe and qwen2 \
+                 are)"
             )));
         }
     };
+    // Llama 3 takes a pre-token found whole in the vocabulary as it is, before any merge.
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre == "llama-bpe" || pre == "llama3")
+        .build()
+        .map_err(|e| meta.err(format!("building the BPE model: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    if pre == "qwen2" {
+        tokenizer
+            .with_normalizer(Some(tokenizers::normalizers::unicode::NFC))
+            .map_err(|e| meta.err(format!("normalizer: {e}")))?;
+    }
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    // Control tokens (type 3) are matched whole in raw text, as special tokens.
-    if let Ok(types) = meta.get("tokenizer.ggml.token_type").and_then(|v| {
-        v.to_vec()
-            .map_err(|e| meta.err(format!("\"tokenizer.ggml.token_type\": {e}")))
-    }) {
-        let special: Vec<AddedToken> = types
-            .iter()
-            .zip(&tokens)
-            .filter(|(t, _)| t.to_i32().is_ok_and(|x| x == 3 || x == 4))
-            .map(|(_, tok)| AddedToken::from(tok.clone(), true))
-            .collect();
-        tokenizer
-            .add_special_tokens(special)
-            .map_err(|e| meta.err(format!("adding the control tokens: {e}")))?;
-    }
     Ok(tokenizer)
+}
+
+/// A SentencePiece vocabulary (pieces, scores, types) as the BPE with byte fallback that
+/// Hugging Face builds for Llama 2 and Mistral: a merge for every split of a piece into two
+/// pieces, ranked by the merged piece's score; spaces as `▁`, one put in front of the text.
+fn sentencepiece_tokenizer(
+    meta: &Meta,
+    tokens: &[String],
+    types: &[i32],
+) -> Result<Tokenizer, GgufError> {
+    let scores: Vec<f32> = match meta.get("tokenizer.ggml.scores") {
+        Ok(v) => v
+            .to_vec()
+            .map_err(|e| meta.err(format!("\"tokenizer.ggml.scores\": {e}")))?
+            .iter()
+            .map(|s| s.to_f32().unwrap_or(0.0))
+            .collect(),
+        Err(_) => return Err(meta.err("a SentencePiece vocabulary needs scores".to_string())),
+    };
+    if scores.len() != tokens.len() {
+        return Err(meta.err(format!(
+            "{} token scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let vocab: HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
+    // (score of the merged piece, its id, left id, right id) → best first.
+    let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types.get(id).copied().unwrap_or(TOKEN_NORMAL) != TOKEN_NORMAL {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (vocab.get(&piece[..at]), vocab.get(&piece[at..])) {
+                ranked.push((scores[id], id as u32, l, r));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    let merges: Vec<(String, String)> = ranked
+        .iter()
+        .map(|&(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect();
+    let unk = meta
+        .u32("tokenizer.ggml.unknown_token_id")
+        .ok()
+        .and_then(|id| tokens.get(id as usize).cloned())
+        .unwrap_or_else(|| "<unk>".to_string());
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), i as u32))
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .unk_token(unk)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| meta.err(format!("building the BPE model: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    use tokenizers::normalizers::{Prepend, Replace};
+    let add_space_prefix = meta
+        .get("tokenizer.ggml.add_space_prefix")
+        .ok()
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let replace =
+        Replace::new(" ", "\u{2581}").map_err(|e| meta.err(format!("normalizer: {e}")))?;
+    let normalizer: tokenizers::NormalizerWrapper = if add_space_prefix {
+        tokenizers::normalizers::Sequence::new(vec![
+            Prepend::new("\u{2581}".to_string()).into(),
+            replace.into(),
+        ])
+        .into()
+    } else {
+        replace.into()
+    };
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .map_err(|e| meta.err(format!("normalizer: {e}")))?;
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecoderSequence,
+        strip::Strip,
+    };
+    let space = tokenizers::normalizers::Replace::new("\u{2581}", " ")
+        .map_err(|e| meta.err(format!("decoder: {e}")))?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+        space.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+        Strip::new(' ', usize::from(add_space_prefix), 0).into(),
+    ])));
+    Ok(tokenizer)
+}
+
+/// The rotary scaling a GGUF file declares: `llama.rope.scaling.type` in the metadata, and
+/// llama.cpp's `rope_freqs.weight` (one divisor per frequency) for Llama 3.1-style scaling,
+/// which is read back into its factors. Scalings the decoder does not implement are refused
+/// with their name.
+fn rope_scaling(
+    meta: &Meta,
+    content: &Content,
+    file: &mut std::fs::File,
+    config: &ModelConfig,
+) -> Result<Option<crate::train::config::Llama3Rope>, GgufError> {
+    if let Ok(kind) = meta.string("llama.rope.scaling.type")
+        && kind != "none"
+    {
+        let factor = meta.f32("llama.rope.scaling.factor").unwrap_or(1.0);
+        if factor != 1.0 {
+            return Err(meta.err(format!(
+                "rotary scaling \"{kind}\" (factor {factor}) is not supported yet; Llama 3.1's \
+                 (rope_freqs) is"
+            )));
+        }
+    }
+    if !content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Ok(None);
+    }
+    let divisors: Vec<f32> = content
+        .tensor(file, "rope_freqs.weight", &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1())
+        .map_err(|e| meta.err(format!("\"rope_freqs.weight\": {e}")))?;
+    if divisors.iter().all(|&d| (d - 1.0).abs() < 1e-6) {
+        return Ok(None);
+    }
+    // Llama 3.1 and 3.2 scale with low/high frequency factors 1 and 4 from their pre-training
+    // context; take the factor from the divisors and check every one of them.
+    let factor = f64::from(divisors.iter().copied().fold(1.0, f32::max));
+    let original = meta
+        .u32("llama.rope.scaling.original_context_length")
+        .map(f64::from)
+        .unwrap_or(8192.0);
+    let rope = crate::train::config::Llama3Rope {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: original,
+    };
+    let head_dim = config.hidden_size / config.num_attention_heads.max(1);
+    let dims = meta
+        .u32("llama.rope.dimension_count")
+        .map(|d| d as usize)
+        .unwrap_or(head_dim);
+    if divisors.len() * 2 != dims {
+        return Err(meta.err(format!(
+            "\"rope_freqs.weight\" has {} divisors for {dims} rotary dimensions",
+            divisors.len()
+        )));
+    }
+    for (i, &d) in divisors.iter().enumerate() {
+        let inv_freq = config.rope_theta.powf(-((2 * i) as f64) / dims as f64);
+        let ours = inv_freq / rope.scale(inv_freq);
+        if (ours - f64::from(d)).abs() > 1e-3 * f64::from(d) {
+            return Err(meta.err(format!(
+                "\"rope_freqs.weight\" is not Llama 3.1's rotary scaling (divisor {i} is {d}, \
+                 expected {ours:.4}); it is not supported yet"
+            )));
+        }
+    }
+    Ok(Some(rope))
+}
+
+/// The tokenizer, chat template and special tokens of a GGUF file's metadata.
+fn gguf_extras(meta: &Meta, tokenizer: Tokenizer) -> GgufExtras {
+    let token_text = |key: &str| meta.u32(key).ok().and_then(|id| tokenizer.id_to_token(id));
+    GgufExtras {
+        chat_template: meta.string("tokenizer.chat_template").ok(),
+        bos_token: token_text("tokenizer.ggml.bos_token_id"),
+        eos_token: token_text("tokenizer.ggml.eos_token_id"),
+        add_bos: meta
+            .get("tokenizer.ggml.add_bos_token")
+            .ok()
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
+        tokenizer,
+    }
+}
+
+/// The text side of a GGUF file — tokenizer, chat template, special tokens — read from its
+/// header without loading a weight, for previews.
+pub fn gguf_text_side(path: &Path) -> Result<GgufExtras, GgufError> {
+    let read_err = |why: String| GgufError::Read {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let content = Content::read(&mut file).map_err(|e| read_err(e.to_string()))?;
+    let meta = Meta {
+        map: &content.metadata,
+        path,
+    };
+    let tokenizer = tokenizer_from_meta(&meta)?;
+    Ok(gguf_extras(&meta, tokenizer))
+}
+
+/// The context length a GGUF file declares (`llama.context_length`, 2,048 when absent), read
+/// from its header alone.
+pub fn gguf_context_length(path: &Path) -> anyhow::Result<usize> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("cannot read the GGUF header: {e} ({})", path.display()))?;
+    let meta = Meta {
+        map: &content.metadata,
+        path,
+    };
+    Ok(meta
+        .u32("llama.context_length")
+        .map(|x| x as usize)
+        .unwrap_or(2048))
 }
 
 /// Loads a llama-architecture GGUF file as trainable f32 weights, with its tokenizer.
@@ -235,7 +511,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LoadedModel, GgufExtra
     let vocab_size = tokenizer.get_vocab_size(true);
     let tied = !content.tensor_infos.contains_key("output.weight");
     let token_id = |key: &str| meta.u32(key).ok();
-    let config = ModelConfig {
+    let mut config = ModelConfig {
         model_type: "llama".to_string(),
         vocab_size: meta
             .u32("llama.vocab_size")
@@ -262,6 +538,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LoadedModel, GgufExtra
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: token_id("tokenizer.ggml.eos_token_id").map(serde_json::Value::from),
     };
+    config.llama3_rope = rope_scaling(&meta, &content, &mut file, &config)?;
     config.check().map_err(|why| meta.err(why))?;
 
     let expected: HashMap<String, Vec<usize>> = weight_shapes(&config).into_iter().collect();
@@ -320,18 +597,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LoadedModel, GgufExtra
     }
     let vb = VarBuilder::from_varmap(&weights, DType::F32, device);
     let model = Decoder::new(&config, vb).map_err(|e| read_err(e.to_string()))?;
-    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
-    let extras = GgufExtras {
-        chat_template: meta.string("tokenizer.chat_template").ok(),
-        bos_token: token_text(config.bos_token_id),
-        eos_token: token_text(token_id("tokenizer.ggml.eos_token_id")),
-        add_bos: meta
-            .get("tokenizer.ggml.add_bos_token")
-            .ok()
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false),
-        tokenizer,
-    };
+    let extras = gguf_extras(&meta, tokenizer);
     Ok((
         LoadedModel {
             model,

@@ -22,8 +22,120 @@ pub struct ModelBundle {
     /// BOS id to put first, when the tokenizer or GGUF metadata asks for one and the tokenizer
     /// does not add it itself.
     pub bos: Option<u32>,
+    /// The BOS and EOS token texts chat templates see as `bos_token` / `eos_token`
+    /// (`tokenizer_config.json`, or the GGUF metadata's token ids); set whether or not plain
+    /// text gets a BOS, as transformers passes them.
+    pub special_tokens: SpecialTokens,
     /// The chat template text, when the model carries one.
     pub chat_template: Option<String>,
+}
+
+/// The special token texts a chat template may write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// `bos_token`, when the model has one.
+    pub bos: Option<String>,
+    /// `eos_token`, when the model names one.
+    pub eos: Option<String>,
+}
+
+/// What a Hugging Face `tokenizer_config.json` says about BOS, EOS and the chat template.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizerConfig {
+    /// `bos_token` / `eos_token`.
+    pub special_tokens: SpecialTokens,
+    /// `add_bos_token`, when the file states it.
+    pub add_bos_token: Option<bool>,
+    /// `chat_template` (the default one of a named list).
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerConfig {
+    /// Reads `tokenizer_config.json`; a missing file is an empty config.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        };
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e} ({})", path.display()))?;
+        // A token is a string or an AddedToken object with its text under "content".
+        let token = |key: &str| match config.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template").and_then(|s| s.as_str()))
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(Self {
+            special_tokens: SpecialTokens {
+                bos: token("bos_token"),
+                eos: token("eos_token"),
+            },
+            add_bos_token: config.get("add_bos_token").and_then(|v| v.as_bool()),
+            chat_template,
+        })
+    }
+}
+
+/// A model's chat template (ChatML when it carries none) with its special tokens; `eos_fallback`
+/// is the EOS text from the model config, for configs that name no `eos_token`.
+fn model_template(
+    chat_template: Option<&str>,
+    special: &SpecialTokens,
+    eos_fallback: Option<String>,
+) -> anyhow::Result<ChatTemplate> {
+    let source = chat_template.unwrap_or(CHATML_JINJA);
+    let eos = special
+        .eos
+        .clone()
+        .or(eos_fallback)
+        .unwrap_or_else(|| "<|im_end|>".to_string());
+    let bos = special.bos.clone().unwrap_or_default();
+    Ok(ChatTemplate::from_source(source, &bos, &eos)?)
+}
+
+/// The tokenizer and chat template a run of the model at `path` (a Hugging Face folder or a
+/// `.gguf` file) tokenizes with, read without loading a weight: what previews must show.
+pub fn model_text_side(path: &Path) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        let extras = crate::train::gguf::gguf_text_side(path)?;
+        let special = SpecialTokens {
+            bos: extras.bos_token.clone(),
+            eos: extras.eos_token.clone().filter(|e| !e.is_empty()),
+        };
+        let template = model_template(extras.chat_template.as_deref(), &special, None)?;
+        return Ok((extras.tokenizer, template));
+    }
+    let tok_path = path.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("cannot read the tokenizer: {e} ({})", tok_path.display()))?;
+    let config = TokenizerConfig::read(&path.join("tokenizer_config.json"))?;
+    let model = crate::train::config::ModelConfig::load(&path.join("config.json"))?;
+    let eos_id = model
+        .eos_token_id
+        .as_ref()
+        .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())));
+    let template = model_template(
+        config.chat_template.as_deref(),
+        &config.special_tokens,
+        eos_id.and_then(|id| tokenizer.id_to_token(id as u32)),
+    )?;
+    Ok((tokenizer, template))
 }
 
 /// Loads a model folder or a `.gguf` file with its tokenizer.
@@ -38,10 +150,18 @@ pub fn load_bundle(path: &Path, device: &Device) -> anyhow::Result<ModelBundle> 
         } else {
             None
         };
+        let special_tokens = SpecialTokens {
+            bos: loaded
+                .config
+                .bos_token_id
+                .and_then(|id| extras.tokenizer.id_to_token(id)),
+            eos: extras.eos_token.clone().filter(|e| !e.is_empty()),
+        };
         return Ok(ModelBundle {
             loaded,
             tokenizer: extras.tokenizer,
             bos,
+            special_tokens,
             chat_template: extras.chat_template,
         });
     }
@@ -49,56 +169,54 @@ pub fn load_bundle(path: &Path, device: &Device) -> anyhow::Result<ModelBundle> 
     let tok_path = path.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot read the tokenizer: {e} ({})", tok_path.display()))?;
-    let config_path = path.join("tokenizer_config.json");
-    let chat_template = std::fs::read_to_string(&config_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| {
-            c.get("chat_template")
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-        });
-    // HF tokenizers add BOS through their post-processor, so encoding with special tokens
-    // already does what the model expects.
+    let config = TokenizerConfig::read(&path.join("tokenizer_config.json"))?;
+    // HF tokenizers add BOS through their post-processor; where the config asks for a BOS the
+    // post-processor does not add, `encode` puts it first (as transformers' Llama tokenizers do).
+    let bos = match config.add_bos_token {
+        Some(true) => config
+            .special_tokens
+            .bos
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t)),
+        _ => None,
+    };
     Ok(ModelBundle {
         loaded,
         tokenizer,
-        bos: None,
-        chat_template,
+        bos,
+        special_tokens: config.special_tokens,
+        chat_template: config.chat_template,
     })
 }
 
 impl ModelBundle {
     /// The model's chat template (ChatML when it carries none) with its BOS and EOS tokens.
     pub fn template(&self) -> anyhow::Result<ChatTemplate> {
-        let source = self
-            .chat_template
-            .clone()
-            .unwrap_or_else(|| CHATML_JINJA.to_string());
-        let eos = self
+        let eos_id = self
             .loaded
             .config
             .eos_token_id
             .as_ref()
-            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
-            .and_then(|id| self.tokenizer.id_to_token(id as u32))
-            .unwrap_or_else(|| "<|im_end|>".to_string());
-        let bos = self
-            .bos
-            .and_then(|id| self.tokenizer.id_to_token(id))
-            .unwrap_or_default();
-        Ok(ChatTemplate::from_source(&source, &bos, &eos)?)
+            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())));
+        model_template(
+            self.chat_template.as_deref(),
+            &self.special_tokens,
+            eos_id.and_then(|id| self.tokenizer.id_to_token(id as u32)),
+        )
     }
 
-    /// Token ids of `text` as the model's tokenizer makes them (BOS included where it says so).
+    /// Token ids of `text` as the model's tokenizer makes them (BOS included where it says so):
+    /// what transformers' tokenizer gives, a BOS put first where the model asks for one and the
+    /// tokenizer's post-processor does not add it itself.
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let mut ids = enc.get_ids().to_vec();
+        let encode = |special: bool| {
+            self.tokenizer
+                .encode(text, special)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))
+        };
+        let mut ids = encode(true)?.get_ids().to_vec();
         if let Some(bos) = self.bos
-            && ids.first() != Some(&bos)
+            && ids.len() == encode(false)?.len()
         {
             ids.insert(0, bos);
         }

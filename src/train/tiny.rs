@@ -42,6 +42,7 @@ pub fn create_tiny_model(
         &tensors_of(&named_vars(&weights)),
         &tokenizer,
         CHATML_JINJA,
+        "",
         SPECIAL_TOKENS[2],
     )?;
     Ok((config, tokenizer))

@@ -13,10 +13,11 @@ use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 
 use crate::core::events::{EventSender, StepMetrics, TrainCommand, TrainEvent};
-use crate::core::mixing::{MixSettings, Prepared};
+use crate::core::mixing::Prepared;
 use crate::core::packing::{PackPlan, PackSettings};
+use crate::core::settings::MixSettings;
 pub use crate::core::train_settings::TrainSettings;
-use crate::train::batch::{batch_loss, make_batch};
+use crate::train::batch::{StepNorm, batch_loss, make_step_batch};
 use crate::train::chat::Chat;
 use crate::train::eval::{EvalSet, evaluate, watched_loss};
 use crate::train::model::Decoder;
@@ -182,7 +183,6 @@ pub fn train(
     });
     let device = job.model.device().clone();
     let vars: Vec<Var> = job.weights.iter().map(|(_, v)| v.clone()).collect();
-    let epochs = job.mix.epochs.max(1);
     let mut plan: PackPlan = job
         .prepared
         .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
@@ -251,33 +251,33 @@ pub fn train(
         let mut tokens = 0usize;
         let mut grads_acc: Option<candle_core::backprop::GradStore> = None;
         if state.row >= plan.rows.len() {
-            // A step never straddles two epochs, so the planned step count holds.
-            state.epoch = (state.epoch + 1) % epochs;
+            // A step never straddles two epochs, so the planned step count holds. Epochs past
+            // the planned ones keep counting, each sampled with its own seed.
+            state.epoch += 1;
             state.row = 0;
             plan = job
                 .prepared
                 .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
         }
-        // Micro-batches in this step: fewer at the end of an epoch; the loss is their mean.
+        // Micro-batches in this step: fewer at the end of an epoch. The loss is normalised over
+        // the whole step, so accumulation equals one batch of all its rows.
         let accum = job
             .train
             .grad_accum
             .max(1)
             .min((plan.rows.len() - state.row).div_ceil(per_step).max(1));
-        for micro in 0..accum {
-            if state.row >= plan.rows.len() {
-                break;
-            }
-            let end = (state.row + per_step).min(plan.rows.len());
-            let rows: Vec<_> = (state.row..end)
-                .map(|i| job.prepared.row(&plan, i, job.pack))
-                .collect();
-            state.row = end;
-            let batch = make_batch(&rows, job.train.loss_norm, &device)?;
+        let step_end = (state.row + per_step * accum).min(plan.rows.len());
+        let step_rows: Vec<_> = (state.row..step_end)
+            .map(|i| job.prepared.row(&plan, i, job.pack))
+            .collect();
+        state.row = step_end;
+        let norm = StepNorm::of(&step_rows, job.train.loss_norm);
+        for (micro, rows) in step_rows.chunks(per_step).enumerate() {
+            let batch = make_step_batch(rows, &norm, &device)?;
             job.model
                 .set_dropout_seed(job.seed ^ (state.step << 16) ^ micro as u64);
             tokens += batch.tokens;
-            let loss = (batch_loss(job.model, &batch)? / accum as f64)?;
+            let loss = batch_loss(job.model, &batch)?;
             let value = f64::from(loss.to_scalar::<f32>()?);
             if !value.is_finite() {
                 anyhow::bail!(

@@ -44,6 +44,25 @@ pub enum ModelChoice {
     Path(PathBuf),
 }
 
+/// The longest sequence `model` reads, from its config or metadata alone (no weights loaded):
+/// what the trainer cuts rows to, for previews that must show the rows it trains on.
+pub fn model_context(model: &ModelChoice) -> anyhow::Result<usize> {
+    match model {
+        ModelChoice::Tiny => Ok(tiny_config(256)?.max_position_embeddings),
+        ModelChoice::Path(path)
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf")) =>
+        {
+            crate::train::gguf::gguf_context_length(path)
+        }
+        ModelChoice::Path(path) => Ok(crate::train::config::ModelConfig::load(
+            &path.join("config.json"),
+        )?
+        .max_position_embeddings),
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -70,7 +89,7 @@ impl RunSpec {
     /// A new run of `project` with `model`, its settings as they are, in `runs/` beside the
     /// project.
     pub fn new(project: Project, model: ModelChoice) -> Self {
-        let runs_dir = project.base_dir.join("runs");
+        let runs_dir = project.runs_dir();
         Self {
             project,
             model,
@@ -375,15 +394,8 @@ fn run_worker(
         project.mixing.labels,
     )?;
     let mut pack = project.packing.clone();
-    if pack.max_seq_len > config.max_position_embeddings {
-        log(
-            events,
-            format!(
-                "rows cut to {} tokens, the model's longest sequence (packing.max_seq_len is {})",
-                config.max_position_embeddings, pack.max_seq_len
-            ),
-        );
-        pack.max_seq_len = config.max_position_embeddings;
+    if let Some(note) = pack.fit_context(config.max_position_embeddings) {
+        log(events, note);
     }
     prepared.check_fits(&pack)?;
     let eval_set = EvalSet::build(
@@ -476,6 +488,7 @@ fn run_worker(
                     &parts.base,
                     &parts.tokenizer,
                     &parts.template.source,
+                    &parts.template.bos_token,
                     &parts.eos,
                 )?;
                 dir
@@ -498,6 +511,7 @@ fn run_worker(
         &weights,
         &parts.tokenizer,
         &parts.template.source,
+        &parts.template.bos_token,
         &parts.eos,
     )?;
     // The run's own record of what it reported, for the final numbers.

@@ -317,6 +317,35 @@ impl StudioApp {
                 (None, None) => {}
             }
         }
+        // Records the chat template or tokenizer could not handle: left out of training, each
+        // named, rather than trained on a wrong label mask.
+        let failed = self
+            .preview
+            .bundle
+            .as_ref()
+            .and_then(|(_, b)| b.prepared.tasks.get(i))
+            .map(|t| t.failed.clone())
+            .unwrap_or_default();
+        if !failed.is_empty() {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!(
+                    "{} records left out of training: the template or tokenizer cannot label them",
+                    failed.len()
+                ),
+            );
+            for (origin, why) in failed.iter().take(20) {
+                let file = d
+                    .sources
+                    .get(origin.source as usize)
+                    .map(|s| s.path.display().to_string())
+                    .unwrap_or_default();
+                ui.label(format!("{file} line {}: {why}", origin.line));
+            }
+            if failed.len() > 20 {
+                ui.weak(format!("… and {} more", failed.len() - 20));
+            }
+        }
         if let Some((t, s)) = self.report_open {
             let report = self
                 .data

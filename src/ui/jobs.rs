@@ -110,8 +110,11 @@ pub struct PreviewResult {
     pub plan: Option<Arc<PackPlan>>,
     /// Why packing failed, when it did.
     pub pack_error: Option<String>,
-    /// The packing settings the plan was made with.
+    /// The packing settings the plan was made with: the project's, cut to the model's context
+    /// as the trainer will cut them.
     pub pack: crate::core::packing::PackSettings,
+    /// Says so when the model's context cut the rows (or could not be read).
+    pub context_note: Option<String>,
     /// How long it took.
     pub took: Duration,
 }
@@ -123,18 +126,39 @@ pub fn start_preview(
     cached: Option<Arc<PrepBundle>>,
     key: String,
     prep_key: String,
+    model: crate::train::worker::ModelChoice,
     wake: Wake,
 ) -> Result<Receiver<PreviewResult>, String> {
     let (tx, rx) = bounded(1);
     spawn("preview", move || {
         let started = Instant::now();
+        // Rows as the trainer will pack them for this model.
+        let mut pack = project.packing.clone();
+        let context_note = match crate::train::worker::model_context(&model) {
+            Ok(context) => pack.fit_context(context),
+            Err(e) => Some(format!(
+                "rows not fitted to the model: cannot read its context ({e:#})"
+            )),
+        };
         let bundle = match cached {
             Some(b) => Ok(b),
             None => {
                 let owned: Vec<TaskData> = data.iter().map(|d| (**d).clone()).collect();
-                load_tokenizer(&project, &project.mixing, &owned)
-                    .and_then(|tokenizer| {
-                        let template = load_template(&project, &project.mixing)?;
+                // The tokenizer and template the run will use: the model's own for a model
+                // folder or GGUF file, the project's (built-in) otherwise.
+                let text_side = match &model {
+                    crate::train::worker::ModelChoice::Path(path) => {
+                        crate::train::score::model_text_side(path)
+                            .map_err(|e| crate::core::mixing::MixError::Tokenizer(format!("{e:#}")))
+                    }
+                    crate::train::worker::ModelChoice::Tiny => {
+                        load_tokenizer(&project, &project.mixing, &owned).and_then(|tokenizer| {
+                            Ok((tokenizer, load_template(&project, &project.mixing)?))
+                        })
+                    }
+                };
+                text_side
+                    .and_then(|(tokenizer, template)| {
                         let prepared = Prepared::build(
                             &project,
                             &owned,
@@ -158,24 +182,25 @@ pub fn start_preview(
             packing: None,
             plan: None,
             pack_error: None,
-            pack: project.packing.clone(),
+            pack: pack.clone(),
+            context_note,
             took: Duration::ZERO,
         };
         if let Ok(b) = &result.bundle {
             let p = &b.prepared;
             result.mixture = Some(p.mixture(project.packing.mode, &project.mixing));
-            match p.check_fits(&project.packing) {
+            match p.check_fits(&pack) {
                 Ok(()) => {
                     result.packing = Some(PackingPreview::build(
                         p,
                         &project.mixing,
-                        &project.packing,
+                        &pack,
                         project.seed,
                         0,
                     ));
                     result.plan = Some(Arc::new(p.pack_epoch(
                         &project.mixing,
-                        &project.packing,
+                        &pack,
                         project.seed,
                         0,
                     )));

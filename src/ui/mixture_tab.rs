@@ -3,7 +3,7 @@
 
 use egui_plot::{Bar, BarChart, Legend, Plot};
 
-use crate::core::mixing::StrategyKind;
+use crate::core::settings::StrategyKind;
 use crate::ui::app::{StudioApp, task_color};
 
 impl StudioApp {

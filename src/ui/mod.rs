@@ -3,10 +3,14 @@
 
 mod app;
 mod data_tab;
+mod events;
 mod jobs;
 mod mixture_tab;
 mod packing_tab;
+mod preview;
+mod project_actions;
 mod runs_tab;
+mod shell;
 mod train_tab;
 
 use std::path::PathBuf;

@@ -24,6 +24,12 @@ impl StudioApp {
         if let Some(e) = &self.preview.error {
             ui.colored_label(ui.visuals().error_fg_color, e);
         }
+        if let Some(note) = &self.preview.context_note {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("Shown as trained: {note}"),
+            );
+        }
         ui.horizontal_wrapped(|ui| {
             let stat = |ui: &mut egui::Ui, name: &str, value: String| {
                 ui.label(format!("{name}:"));
@@ -151,14 +157,12 @@ impl StudioApp {
                 })
                 .response
                 .labelled_by(l.id);
-            ui.add_enabled(
-                pack.attention != AttentionLayout::Full,
-                egui::Checkbox::new(&mut pack.reset_position_ids, "Reset position ids"),
-            )
-            .on_disabled_hover_text("Needs isolated or chunk attention");
-            if pack.attention == AttentionLayout::Full {
-                pack.reset_position_ids = false;
-            }
+            ui.checkbox(&mut pack.reset_position_ids, "Reset position ids")
+                .on_hover_text(
+                    "Positions restart at each instruction (each chunk with chunk attention), \
+                     after the default prompt. With full attention a token then also sees \
+                     earlier instructions whose positions run past its own.",
+                );
             let l = ui.label("Over-long samples");
             egui::ComboBox::from_id_salt("overlong")
                 .selected_text(format!("{:?}", pack.overlong).to_lowercase())

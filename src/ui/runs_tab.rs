@@ -26,10 +26,7 @@ impl StudioApp {
             self.refresh_runs();
         }
         ui.horizontal(|ui| {
-            ui.strong(format!(
-                "Runs in {}",
-                self.project.base_dir.join("runs").display()
-            ));
+            ui.strong(format!("Runs in {}", self.project.runs_dir().display()));
             if ui.button("Refresh").clicked() {
                 self.refresh_runs();
             }

@@ -153,11 +153,23 @@ fn switching_the_packing_mode_changes_the_statistics() {
     let path = demo_copy(dir.path());
     let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
     h.state_mut().set_tab(Tab::Packing);
-    // Rows long enough to hold several instructions.
+    // Rows longer than the tiny model reads: the preview shows them as the trainer cuts them,
+    // and says so.
     h.state_mut().project_mut().packing.max_seq_len = 1024;
     wait_until(&mut h, &wake, "the first preview", |a| {
-        settled(a) && a.packing_preview().is_some_and(|p| p.max_seq_len == 1024)
+        settled(a) && a.packing_preview().is_some_and(|p| p.max_seq_len == 512)
     });
+    assert_eq!(
+        h.state().project().packing.max_seq_len,
+        1024,
+        "the setting stays"
+    );
+    assert!(
+        h.query_all_by_label_contains("rows cut to 512 tokens")
+            .count()
+            >= 1,
+        "the cut is shown"
+    );
     let moi = h.state().packing_preview().cloned().expect("a preview");
     assert_eq!(moi.mode, PackMode::Moi);
     h.get_by_label("Mode").click();
@@ -235,4 +247,51 @@ fn a_broken_project_shows_its_error() {
             .next()
             .is_some()
     );
+}
+
+#[test]
+fn looking_at_the_packing_tab_changes_no_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let mut p = Project::load(&path).unwrap();
+    p.packing.attention = crate::core::packing::AttentionLayout::Full;
+    p.packing.reset_position_ids = true;
+    p.save(&path).unwrap();
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    h.state_mut().set_tab(Tab::Packing);
+    wait_until(&mut h, &wake, "the preview", |a| {
+        settled(a) && a.packing_preview().is_some()
+    });
+    h.run_steps(3);
+    let shown = &h.state().project().packing;
+    assert_eq!(shown, &p.packing, "the tab rewrote a setting");
+    assert!(!h.state().is_dirty());
+}
+
+#[test]
+fn editing_the_eval_share_redraws_the_split_the_preview_and_the_table_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the preview", |a| {
+        settled(a) && a.packing_preview().is_some()
+    });
+    let records = h.state().data()[0].as_ref().unwrap().records.len();
+    h.state_mut().project_mut().tasks[0].eval_fraction = 0.3;
+    h.run_steps(2);
+    wait_until(&mut h, &wake, "the new preview", |a| settled(a));
+    let held_out = crate::core::split::eval_count(records, 0.3);
+    let data = h.state().data()[0].clone().unwrap();
+    assert_eq!(data.eval_records(), held_out, "the table's split");
+    let trained = h
+        .state()
+        .preview
+        .bundle
+        .as_ref()
+        .map(|(_, b)| b.prepared.tasks[0].samples.len());
+    assert_eq!(trained, Some(records - held_out), "the preview's split");
+    // The trainer draws the same split from the project as it is now.
+    let project = h.state().project().clone();
+    let fresh = crate::core::dataset::load_task(&project, 0, &project.tasks[0], &mut |_| {});
+    assert_eq!(fresh.is_eval, data.is_eval);
 }

@@ -1,0 +1,171 @@
+//! Opening, importing, removing and saving: what the studio does to its project and tasks,
+//! the data work handed to the `load` thread and file dialogs to theirs.
+
+use std::path::PathBuf;
+
+use crate::core::project::{Source, Task};
+use crate::ui::app::*;
+use crate::ui::jobs::{DialogKind, start_dialog, start_loading};
+
+impl StudioApp {
+    pub(crate) fn all_data_loaded(&self) -> bool {
+        !self.data.is_empty() && self.data.iter().all(Option::is_some)
+    }
+
+    /// Reads every task's data again.
+    pub fn reload_all_data(&mut self) {
+        self.load_generation += 1;
+        self.data = vec![None; self.project.tasks.len()];
+        let all = (0..self.project.tasks.len()).collect();
+        self.load_tasks(all);
+    }
+
+    pub(crate) fn load_tasks(&mut self, tasks: Vec<usize>) {
+        if tasks.is_empty() {
+            self.loading = None;
+            return;
+        }
+        for &t in &tasks {
+            if let Some(slot) = self.data.get_mut(t) {
+                *slot = None;
+            }
+        }
+        match start_loading(
+            self.project.clone(),
+            tasks,
+            self.load_generation,
+            self.wake.clone(),
+        ) {
+            Ok(rx) => self.loading = Some((rx, 0, 0.0)),
+            Err(e) => self.status = e,
+        }
+    }
+
+    /// Imports dataset files, each as a new task named after the file (the test hook for the
+    /// file dialog and drag and drop).
+    pub fn import_paths(&mut self, paths: &[PathBuf]) {
+        let mut added = Vec::new();
+        for path in paths {
+            let stem = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "task".to_string());
+            let stem = stem
+                .split('.')
+                .next()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("task")
+                .to_string();
+            let mut name = stem.clone();
+            let mut n = 2;
+            while self.project.tasks.iter().any(|t| t.name == name) {
+                name = format!("{stem} {n}");
+                n += 1;
+            }
+            let mut task = Task::new(name, self.project.default_system_prompt.clone());
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let base = std::path::absolute(&self.project.base_dir)
+                .unwrap_or_else(|_| self.project.base_dir.clone());
+            task.sources
+                .push(Source::new(crate::core::fsutil::relative_to(&abs, &base)));
+            self.project.tasks.push(task);
+            self.data.push(None);
+            added.push(self.project.tasks.len() - 1);
+        }
+        if let Some(&last) = added.last() {
+            self.selected_task = last;
+            self.record_index = 0;
+            self.status = format!("importing {} file(s)", added.len());
+        }
+        // Tasks already being read are read again with the new ones.
+        let mut pending: Vec<usize> = (0..self.data.len())
+            .filter(|&i| self.data[i].is_none())
+            .collect();
+        pending.sort_unstable();
+        self.load_tasks(pending);
+    }
+
+    /// Removes task `i`.
+    pub fn remove_task(&mut self, i: usize) {
+        if i < self.project.tasks.len() {
+            let name = self.project.tasks.remove(i).name;
+            self.data.remove(i);
+            // Indices moved: per-task state and loads in flight no longer fit.
+            self.load_generation += 1;
+            self.undo.retain(|k, _| !k.starts_with("task-"));
+            self.report_open = None;
+            self.try_it.system = None;
+            self.record_index = 0;
+            self.selected_task = self
+                .selected_task
+                .min(self.project.tasks.len().saturating_sub(1));
+            self.status = format!("removed task {name}");
+            let pending: Vec<usize> = (0..self.data.len())
+                .filter(|&j| self.data[j].is_none())
+                .collect();
+            self.load_tasks(pending);
+        }
+    }
+
+    /// Saves to the project's file (or asks where, for a new project).
+    pub fn save_project(&mut self) {
+        match self.path.clone() {
+            Some(p) => self.save_as(p),
+            None => self.ask(DialogKind::SaveAs),
+        }
+    }
+
+    /// Saves to `path`.
+    pub fn save_as(&mut self, path: PathBuf) {
+        let path = std::path::absolute(&path).unwrap_or(path);
+        let mut saved = self.project.clone();
+        match saved.save(&path) {
+            Ok(()) => {
+                self.project = saved;
+                self.saved_toml = self.project.to_toml();
+                self.status = format!("saved {}", path.display());
+                self.recent.retain(|p| p != &path);
+                self.recent.insert(0, path.clone());
+                self.path = Some(path);
+            }
+            Err(e) => self.status = format!("not saved: {e}"),
+        }
+    }
+
+    /// Opens a file dialog on its thread.
+    pub fn ask(&mut self, kind: DialogKind) {
+        if self.dialog.is_some() {
+            return;
+        }
+        let dir = std::path::absolute(&self.project.base_dir).unwrap_or_default();
+        match start_dialog(kind, dir, self.wake.clone()) {
+            Ok(rx) => self.dialog = Some(rx),
+            Err(e) => self.status = e,
+        }
+    }
+
+    pub(crate) fn on_dialog(&mut self, kind: DialogKind, paths: Vec<PathBuf>) {
+        let Some(first) = paths.first().cloned() else {
+            self.status = "nothing chosen (if no dialog appeared, this desktop lacks \
+                           xdg-desktop-portal and zenity: type the path instead)"
+                .to_string();
+            return;
+        };
+        match kind {
+            DialogKind::Import => self.import_paths(&paths),
+            DialogKind::Open => self.open_project(first),
+            DialogKind::SaveAs => self.save_as(first),
+            DialogKind::ModelFolder => self.model = ModelPick::Folder(first),
+            DialogKind::Gguf => self.model = ModelPick::Gguf(first),
+            DialogKind::Export(run) => {
+                match crate::ui::jobs::start_export(run, first, self.wake.clone()) {
+                    Ok(rx) => {
+                        self.export_job = Some(rx);
+                        self.status = "exporting…".to_string();
+                    }
+                    Err(e) => self.status = e,
+                }
+            }
+        }
+    }
+}
