@@ -123,7 +123,7 @@ fn run_with(
         while let Ok(e) = rx.recv() {
             if let TrainEvent::Step(m) = &e {
                 assert_eq!(m.steps, 1, "nothing merged with a roomy channel");
-                losses.push(m.clone());
+                losses.push(*m);
                 if stop_after == Some(m.step) {
                     listener_stop.store(true, Ordering::SeqCst);
                 }

@@ -147,6 +147,10 @@ const MIX_EXHAUSTIVE_ROWS: usize = 2048;
 /// Passes over the rows, while one still improves.
 const MIX_PASSES: usize = 3;
 
+/// A candidate exchange between two rows: the quality after it (mixed chunks, lone
+/// instructions), the unit leaving the first row and the unit leaving the second.
+type Exchange = ((u32, u32), Option<usize>, Option<usize>);
+
 /// Improves a packing so that more chunks mix tasks without adding a row: for each row with a
 /// chunk of one instruction, moves or swaps one of its units with one of another row wherever
 /// both still fit and the two rows then form more mixed chunks together (or as many, with fewer
@@ -188,19 +192,16 @@ fn mix_rows(
         for &r in &order {
             if exhaustive {
                 partners.shuffle(rng);
+            } else {
+                partners.clear();
+                partners.extend((0..MIX_ATTEMPTS).map(|_| rng.random_range(0..bins)));
             }
-            let tries = if exhaustive { bins } else { MIX_ATTEMPTS };
-            for attempt in 0..tries {
+            for &r2 in &partners {
                 counts_of(&members[r], &mut c1);
                 let q1 = mixed_in(&c1, k);
                 if q1.1 == 0 || members[r].is_empty() {
                     break;
                 }
-                let r2 = if exhaustive {
-                    partners[attempt]
-                } else {
-                    rng.random_range(0..bins)
-                };
                 if r2 == r || members[r2].is_empty() {
                     continue;
                 }
@@ -208,7 +209,7 @@ fn mix_rows(
                 let q2 = mixed_in(&c2, k);
                 let before = (q1.0 + q2.0, q1.1 + q2.1);
                 // The best move (a out of r, or b out of r2) or swap (a for b).
-                let mut best: Option<((u32, u32), Option<usize>, Option<usize>)> = None;
+                let mut best: Option<Exchange> = None;
                 let n1 = members[r].len();
                 let n2 = members[r2].len();
                 for i in 0..=n1 {
@@ -413,7 +414,7 @@ fn form_chunks(pieces: &mut [Piece], k: usize, rng: &mut ChaCha8Rng) {
     }
     by_task.shuffle(rng);
     // Stable: ties keep the shuffled task order.
-    by_task.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    by_task.sort_by_key(|(_, list)| std::cmp::Reverse(list.len()));
     let counts: Vec<u32> = by_task.iter().map(|(_, l)| l.len() as u32).collect();
     let chunks = chunk_count(&counts, k).max(1) as usize;
     let mut dealt: Vec<Vec<Piece>> = vec![Vec::new(); chunks];

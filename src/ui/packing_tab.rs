@@ -39,6 +39,24 @@ impl StudioApp {
             stat(ui, "mode", format!("{:?}", p.mode).to_lowercase());
             stat(ui, "rows", p.rows.to_string());
             stat(ui, "fill", format!("{:.1} %", p.fill * 100.0));
+            stat(
+                ui,
+                "best-fit decreasing would fill",
+                format!("{:.1} %", p.best_fit_fill * 100.0),
+            );
+            if p.mode == crate::core::packing::PackMode::Moi {
+                stat(
+                    ui,
+                    "chunks mixing tasks",
+                    format!(
+                        "{} of {} ({:.0} % of the {} sizes allow)",
+                        p.chunks.mixed,
+                        p.chunks.chunks,
+                        p.chunks.share_of_mixable() * 100.0,
+                        p.chunks.chunks - p.chunks.unmixable
+                    ),
+                );
+            }
             stat(ui, "padding", format!("{:.1} %", p.padding * 100.0));
             stat(
                 ui,

@@ -279,7 +279,7 @@ fn editing_the_eval_share_redraws_the_split_the_preview_and_the_table_use() {
     let records = h.state().data()[0].as_ref().unwrap().records.len();
     h.state_mut().project_mut().tasks[0].eval_fraction = 0.3;
     h.run_steps(2);
-    wait_until(&mut h, &wake, "the new preview", |a| settled(a));
+    wait_until(&mut h, &wake, "the new preview", settled);
     let held_out = crate::core::split::eval_count(records, 0.3);
     let data = h.state().data()[0].clone().unwrap();
     assert_eq!(data.eval_records(), held_out, "the table's split");
