@@ -193,6 +193,14 @@ fn preview_json_and_pack_parquet_read_back() {
     let rows = v["packing"]["rows"].as_u64().unwrap();
     // The demo packs into 512-token rows for the tiny model; its long samples leave some room.
     assert!(v["packing"]["fill"].as_f64().unwrap() > 0.8);
+    // The reference fill and how chunks mix are part of the report.
+    let fill = v["packing"]["fill"].as_f64().unwrap();
+    let reference = v["packing"]["best_fit_fill"].as_f64().unwrap();
+    assert!(fill >= reference - 0.01, "{fill} vs {reference}");
+    let chunks = &v["packing"]["chunks"];
+    assert!(chunks["mixed"].as_u64().unwrap() > 0);
+    assert!(chunks["chunks"].as_u64().unwrap() >= chunks["mixed"].as_u64().unwrap());
+    assert!(chunks["unmixable"].as_u64().is_some());
     let text = v["sample_rows"][0]["text"].as_str().unwrap();
     assert!(
         text.starts_with("⟦default prompt⟧<|im_start|>system\nYou are a helpful assistant."),
