@@ -41,6 +41,7 @@ fn main() {
         len: length(s),
         trained: length(s) / 2,
         system_len: 10,
+        system_end: 10,
     };
     let start = Instant::now();
     let epoch = sample_epoch(&tasks, Strategy::Balanced, 42, 0);

@@ -229,6 +229,7 @@ impl Prepared {
             len: t.input_ids.len() as u32,
             trained: t.labels.iter().filter(|&&l| l >= 0).count() as u32,
             system_len: t.system.end - t.system.start,
+            system_end: t.system.end,
         }
     }
 

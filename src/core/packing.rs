@@ -30,6 +30,9 @@ pub struct SampleInfo {
     /// Tokens of its system block (dropped when it opens a row answered under the default
     /// prompt).
     pub system_len: u32,
+    /// Token just past its system block: the block is dropped only from a piece that holds it
+    /// whole.
+    pub system_end: u32,
 }
 
 /// A contiguous piece of one sample placed in a row.
@@ -608,9 +611,10 @@ pub fn plan(
             // The first instruction loses its own system block when answered under the default.
             let first = slice.first().filter(|p| p.offset == 0);
             if let Some(first) = first.filter(|_| settings.first_under_default && prefix_len > 0) {
-                let system = info(first.sample).system_len;
-                if system <= first.len {
-                    row.len -= system;
+                // As `build_row` decides it: the piece holds the whole block.
+                let sample = info(first.sample);
+                if sample.system_end <= first.len {
+                    row.len -= sample.system_len;
                 }
             }
         }
@@ -873,6 +877,7 @@ mod tests {
             len: lengths(s.task, s.record),
             trained: lengths(s.task, s.record) / 2,
             system_len: 10,
+            system_end: 10,
         }
     }
 
@@ -984,6 +989,7 @@ mod tests {
             len: if s.record == 0 { 5000 } else { 100 },
             trained: 10,
             system_len: 0,
+            system_end: 0,
         };
         for (rule, pieces, counts) in [
             (Overlong::Truncate, 4, (1, 0, 0)),
@@ -1048,6 +1054,7 @@ mod tests {
             len: 7,
             trained: 2,
             system_len: 3,
+            system_end: 3,
         }
     }
 
@@ -1142,6 +1149,7 @@ mod tests {
             len: store[s.record as usize].input_ids.len() as u32,
             trained: 0,
             system_len: 0,
+            system_end: 0,
         };
         let s = PackSettings {
             mode: PackMode::Concat,
@@ -1190,6 +1198,11 @@ mod tests {
             for i in 0..p.rows.len() {
                 let row = build_row(&p, i, &tokens, &prefix, &s);
                 let built = row.labels.iter().filter(|&&l| l >= 0).count() as u64;
+                assert_eq!(
+                    row.input_ids.len(),
+                    p.rows[i].len as usize,
+                    "row {i}'s length"
+                );
                 assert_eq!(trained_in_row(&p, i, &tokens, &s), built, "row {i}");
             }
         }
@@ -1209,9 +1222,12 @@ mod tests {
         );
         let mix = chunk_mix(&p, 2048 - 12);
         assert!(mix.share_of_mixable() >= 0.9, "{mix:?}");
-        // Rows come in a shuffled order, not longest first.
-        let lens: Vec<u32> = p.rows.iter().map(|r| r.len).collect();
-        assert!(lens.windows(2).any(|w| w[0] < w[1]));
+        // Rows come in a shuffled order, not in the order the packer opened them (each row
+        // starting with the longest piece left, so their longest pieces would never grow).
+        let longest: Vec<u32> = (0..p.rows.len())
+            .map(|i| p.row_pieces(i).iter().map(|x| x.len).max().unwrap_or(0))
+            .collect();
+        assert!(longest.windows(2).any(|w| w[0] < w[1]));
     }
 
     #[test]
@@ -1222,6 +1238,7 @@ mod tests {
             len: 7,
             trained: 2,
             system_len: 3,
+            system_end: 3,
         };
         let prefix = SampleTokens {
             input_ids: vec![9001],

@@ -107,6 +107,13 @@ pub enum TemplateError {
          be found in the rendered conversation"
     )]
     Unlocatable { message: usize, role: String },
+    /// An answer is not closed by the template's end-of-turn marker, so training it would
+    /// teach the model never to stop.
+    #[error(
+        "the chat template writes no end-of-turn marker after message {message} (assistant), so \
+         its label mask would be wrong"
+    )]
+    NoEndMarker { message: usize },
 }
 
 impl From<minijinja::Error> for TemplateError {
@@ -356,30 +363,27 @@ impl ChatTemplate {
             Some(r) => r,
             None => locate_by_search(&text, messages)?,
         };
-        let spans = messages
-            .iter()
-            .zip(ranges)
-            .enumerate()
-            .map(|(i, (m, range))| {
-                let mut range = range;
-                if m.role == "assistant" {
-                    let rest = &text[range.end..];
-                    let gap = rest.len() - rest.trim_start().len();
-                    if let Some(marker) = self
-                        .end_markers
-                        .iter()
-                        .find(|marker| rest[gap..].starts_with(marker.as_str()))
-                    {
-                        range.end += gap + marker.len();
-                    }
+        let mut spans = Vec::with_capacity(messages.len());
+        for (i, (m, range)) in messages.iter().zip(ranges).enumerate() {
+            let mut range = range;
+            if m.role == "assistant" && !self.end_markers.is_empty() {
+                let rest = &text[range.end..];
+                let gap = rest.len() - rest.trim_start().len();
+                match self
+                    .end_markers
+                    .iter()
+                    .find(|marker| rest[gap..].starts_with(marker.as_str()))
+                {
+                    Some(marker) => range.end += gap + marker.len(),
+                    None => return Err(TemplateError::NoEndMarker { message: i + 1 }),
                 }
-                MessageSpan {
-                    message: i,
-                    role: m.role.clone(),
-                    range,
-                }
-            })
-            .collect();
+            }
+            spans.push(MessageSpan {
+                message: i,
+                role: m.role.clone(),
+                range,
+            });
+        }
         Ok(Rendered { text, spans })
     }
 
@@ -614,6 +618,50 @@ mod tests {
             .unwrap();
         let span = r.assistant_ranges().next().unwrap();
         assert_eq!(&r.text[span], "hello </s>");
+    }
+
+    #[test]
+    fn each_turn_gets_the_marker_its_template_closes_it_with() {
+        // gpt-oss style: earlier answers end in <|end|>, the last one in <|return|>.
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}\
+             {% if m.role == 'assistant' and loop.last %}<|return|>{% else %}<|end|>{% endif %}\
+             {% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let r = t
+            .render_with_spans(&[
+                ChatMessage::new(Role::User, "q1"),
+                ChatMessage::new(Role::Assistant, "a1"),
+                ChatMessage::new(Role::User, "q2"),
+                ChatMessage::new(Role::Assistant, "a2"),
+            ])
+            .unwrap();
+        let trained: Vec<&str> = r.assistant_ranges().map(|s| &r.text[s]).collect();
+        assert_eq!(trained, ["a1<|end|>", "a2<|return|>"]);
+        // A template that closes the last answer but not an earlier one: refused, not trained
+        // on a mask without the marker.
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\
+             {% if loop.last %}<|eot|>{% endif %}\n{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t
+            .render_with_spans(&[
+                ChatMessage::new(Role::User, "q1"),
+                ChatMessage::new(Role::Assistant, "a1"),
+                ChatMessage::new(Role::User, "q2"),
+                ChatMessage::new(Role::Assistant, "a2"),
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(err, TemplateError::NoEndMarker { message: 2 }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub fn save_model_folder(
             "factor": r.factor,
             "low_freq_factor": r.low_freq_factor,
             "high_freq_factor": r.high_freq_factor,
-            "original_max_position_embeddings": r.original_max_position_embeddings,
+            // transformers wants a whole number here.
+            "original_max_position_embeddings": r.original_max_position_embeddings.round() as u64,
         });
     }
     hf["architectures"] = json!([match config.model_type.as_str() {

@@ -444,7 +444,12 @@ fn gguf_extras(meta: &Meta, tokenizer: Tokenizer) -> GgufExtras {
             .get("tokenizer.ggml.add_bos_token")
             .ok()
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false),
+            .unwrap_or_else(|| {
+                // Files without the key: llama.cpp's defaults (SentencePiece and Llama 3 add one).
+                let model = meta.string("tokenizer.ggml.model").unwrap_or_default();
+                let pre = meta.string("tokenizer.ggml.pre").unwrap_or_default();
+                model == "llama" || matches!(pre.as_str(), "llama-bpe" | "llama3")
+            }),
         tokenizer,
     }
 }

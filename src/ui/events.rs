@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::events::{TrainCommand, TrainEvent};
 use crate::core::runs::{RunHistory, list_runs};
-use crate::ui::app::*;
+use crate::ui::app::{StudioApp, TrainState};
 use crate::ui::jobs::LoadEvent;
 
 impl StudioApp {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::core::dataset::TaskData;
-use crate::ui::app::*;
+use crate::ui::app::{ModelPick, StudioApp};
 use crate::ui::jobs::start_preview;
 
 impl StudioApp {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::core::project::{Source, Task};
-use crate::ui::app::*;
+use crate::ui::app::{ModelPick, StudioApp};
 use crate::ui::jobs::{DialogKind, start_dialog, start_loading};
 
 impl StudioApp {

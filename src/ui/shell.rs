@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use egui::Color32;
 
-use crate::ui::app::*;
+use crate::ui::app::{StudioApp, Tab, task_color};
 use crate::ui::jobs::DialogKind;
 
 impl StudioApp {
