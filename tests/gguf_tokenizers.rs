@@ -118,3 +118,32 @@ fn the_text_side_read_without_weights_is_the_loaded_models() {
         );
     }
 }
+
+/// A Hugging Face folder (Llama 3's real tokenizer files) trains with its BOS: the template
+/// renders `bos_token`, and the conversation tokenized as the trainer tokenizes it (the rendered
+/// text without added special tokens, as transformers' `apply_chat_template`) starts with BOS
+/// exactly once.
+#[test]
+fn a_hugging_face_folder_trains_with_its_bos() {
+    use moi_studio::core::record::Role;
+    use moi_studio::core::template::ChatMessage;
+    use moi_studio::core::tokenize::{LabelOptions, tokenize_messages};
+    fixture("llama3_1");
+    let folder = root().join(".cache/tokenizers/llama3_1");
+    let (tokenizer, template) = moi_studio::train::score::model_text_side(&folder).unwrap();
+    assert_eq!(template.bos_token, "<|begin_of_text|>");
+    let bos = tokenizer.token_to_id("<|begin_of_text|>").unwrap();
+    let messages = [
+        ChatMessage::new(Role::System, "You are a helpful assistant."),
+        ChatMessage::new(Role::User, "What is 2 + 3?"),
+        ChatMessage::new(Role::Assistant, "5"),
+    ];
+    let sample =
+        tokenize_messages(&tokenizer, &template, &messages, LabelOptions::default()).unwrap();
+    assert_eq!(sample.input_ids[0], bos);
+    assert_eq!(sample.input_ids.iter().filter(|&&id| id == bos).count(), 1);
+    // The eval and "try it" prompt: rendered with the generation prompt, BOS first.
+    let prompt = template.render(&messages[..2], true).unwrap();
+    let ids = tokenizer.encode(prompt.as_str(), false).unwrap();
+    assert_eq!(ids.get_ids()[0], bos);
+}
