@@ -454,15 +454,21 @@ fn gguf_extras(meta: &Meta, tokenizer: Tokenizer) -> GgufExtras {
     }
 }
 
-/// The text side of a GGUF file — tokenizer, chat template, special tokens — read from its
-/// header without loading a weight, for previews.
-pub fn gguf_text_side(path: &Path) -> Result<GgufExtras, GgufError> {
+/// Opens a GGUF file and reads its header (metadata and tensor index).
+fn read_header(path: &Path) -> Result<(std::fs::File, Content), GgufError> {
     let read_err = |why: String| GgufError::Read {
         path: path.to_path_buf(),
         why,
     };
     let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
     let content = Content::read(&mut file).map_err(|e| read_err(e.to_string()))?;
+    Ok((file, content))
+}
+
+/// The text side of a GGUF file — tokenizer, chat template, special tokens — read from its
+/// header without loading a weight, for previews.
+pub fn gguf_text_side(path: &Path) -> Result<GgufExtras, GgufError> {
+    let (_file, content) = read_header(path)?;
     let meta = Meta {
         map: &content.metadata,
         path,
@@ -474,10 +480,7 @@ pub fn gguf_text_side(path: &Path) -> Result<GgufExtras, GgufError> {
 /// The context length a GGUF file declares (`llama.context_length`, 2,048 when absent), read
 /// from its header alone.
 pub fn gguf_context_length(path: &Path) -> anyhow::Result<usize> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("cannot read the GGUF header: {e} ({})", path.display()))?;
+    let (_file, content) = read_header(path)?;
     let meta = Meta {
         map: &content.metadata,
         path,
@@ -494,8 +497,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LoadedModel, GgufExtra
         path: path.to_path_buf(),
         why,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
-    let content = Content::read(&mut file).map_err(|e| read_err(e.to_string()))?;
+    let (mut file, content) = read_header(path)?;
     let meta = Meta {
         map: &content.metadata,
         path,
