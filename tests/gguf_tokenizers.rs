@@ -5,28 +5,16 @@
 //! run by `scripts/fetch_models.sh`).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use candle_core::Device;
 use moi_studio::train::score::load_bundle;
 use tokenizers::Tokenizer;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::{fetched, root};
 
 fn fixture(family: &str) -> PathBuf {
-    let path = root().join(format!(".cache/gguf/{family}.gguf"));
-    if !path.is_file() {
-        let status = Command::new("bash")
-            .arg(root().join("scripts/fetch_models.sh"))
-            .current_dir(root())
-            .status()
-            .expect("running scripts/fetch_models.sh");
-        assert!(status.success(), "scripts/fetch_models.sh failed");
-    }
-    assert!(path.is_file(), "{} is missing", path.display());
-    path
+    fetched(&format!(".cache/gguf/{family}.gguf"))
 }
 
 /// Our GGUF tokenizer against tokenizer.json on the fixture's sentences and on chat markup.

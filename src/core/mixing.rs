@@ -328,7 +328,21 @@ impl PackingPreview {
         seed: u64,
         show_rows: usize,
     ) -> Self {
-        let plan = prepared.pack_epoch(mix, pack, seed, 0);
+        Self::of_plan(
+            prepared,
+            &prepared.pack_epoch(mix, pack, seed, 0),
+            pack,
+            show_rows,
+        )
+    }
+
+    /// Summarises an epoch's plan packed with `pack`, building its first `show_rows` rows.
+    pub fn of_plan(
+        prepared: &Prepared,
+        plan: &PackPlan,
+        pack: &PackSettings,
+        show_rows: usize,
+    ) -> Self {
         let max = pack.max_seq_len.max(1);
         let mut histogram = vec![0usize; 16];
         for r in &plan.rows {
@@ -344,14 +358,14 @@ impl PackingPreview {
         // Counted as the rows are built (first token of each segment and dropped system blocks
         // untrained), not from the samples' labels.
         let trained: u64 = (0..plan.rows.len())
-            .map(|i| trained_in_row(&plan, i, &|s| prepared.sample(s), pack))
+            .map(|i| trained_in_row(plan, i, &|s| prepared.sample(s), pack))
             .sum();
         let all_samples: usize = samples.iter().sum();
         let all_tokens: u64 = tokens.iter().sum();
         let share = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let total = plan.tokens();
         let fill = plan.fill(max);
-        let chunks = chunk_mix(&plan, max as u32 - plan.prefix_len);
+        let chunks = chunk_mix(plan, max as u32 - plan.prefix_len);
         let best_fit_fill = if pack.mode == PackMode::Seq || plan.rows.is_empty() {
             fill
         } else {
@@ -390,7 +404,7 @@ impl PackingPreview {
                 })
                 .collect(),
             sample_rows: (0..show_rows.min(plan.rows.len()))
-                .map(|i| prepared.row(&plan, i, pack))
+                .map(|i| prepared.row(plan, i, pack))
                 .collect(),
         }
     }

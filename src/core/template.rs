@@ -128,6 +128,75 @@ impl From<minijinja::Error> for TemplateError {
     }
 }
 
+/// The special token texts a chat template may write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// `bos_token`, when the model has one.
+    pub bos: Option<String>,
+    /// `eos_token`, when the model names one.
+    pub eos: Option<String>,
+}
+
+/// What a Hugging Face `tokenizer_config.json` says about BOS, EOS and the chat template.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizerConfig {
+    /// `bos_token` / `eos_token`.
+    pub special_tokens: SpecialTokens,
+    /// `add_bos_token`, when the file states it.
+    pub add_bos_token: Option<bool>,
+    /// `chat_template` (the default one of a named list).
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerConfig {
+    /// Reads a `tokenizer_config.json`.
+    pub fn read(path: &Path) -> Result<Self, TemplateError> {
+        let config_err = |why: String| TemplateError::Config {
+            path: path.to_path_buf(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| config_err(e.to_string()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| config_err(e.to_string()))?;
+        // A token is a string or an AddedToken object with its text under "content".
+        let token = |key: &str| match config.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template").and_then(|s| s.as_str()))
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(Self {
+            special_tokens: SpecialTokens {
+                bos: token("bos_token"),
+                eos: token("eos_token"),
+            },
+            add_bos_token: config.get("add_bos_token").and_then(|v| v.as_bool()),
+            chat_template,
+        })
+    }
+
+    /// As [`TokenizerConfig::read`]; a missing file is an empty config (model folders may
+    /// have none).
+    pub fn read_if_present(path: &Path) -> Result<Self, TemplateError> {
+        if path.exists() {
+            Self::read(path)
+        } else {
+            Ok(Self::default())
+        }
+    }
+}
+
 /// A compiled chat template with its special tokens.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -270,36 +339,17 @@ impl ChatTemplate {
 
     /// Reads `chat_template`, `bos_token` and `eos_token` from a `tokenizer_config.json`.
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, TemplateError> {
-        let config_err = |why: String| TemplateError::Config {
+        let config = TokenizerConfig::read(path)?;
+        let source = config.chat_template.ok_or_else(|| TemplateError::Config {
             path: path.to_path_buf(),
-            why,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| config_err(e.to_string()))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| config_err(e.to_string()))?;
-        let token = |key: &str| -> String {
-            match config.get(key) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Object(o)) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .unwrap_or("")
-                    .to_string(),
-                _ => String::new(),
-            }
-        };
-        let source = match config.get("chat_template") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            // A list of named templates: take the default one.
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|t| t.get("template").and_then(|s| s.as_str()))
-                .ok_or_else(|| config_err("no template named \"default\"".to_string()))?
-                .to_string(),
-            _ => return Err(config_err("it has no chat_template".to_string())),
-        };
-        Self::from_source(&source, &token("bos_token"), &token("eos_token"))
+            why: "it has no chat_template (or no template named \"default\")".to_string(),
+        })?;
+        let tokens = config.special_tokens;
+        Self::from_source(
+            &source,
+            tokens.bos.as_deref().unwrap_or(""),
+            tokens.eos.as_deref().unwrap_or(""),
+        )
     }
 
     /// Renders `messages` to text.

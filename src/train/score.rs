@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::core::template::ChatTemplate;
+pub use crate::core::template::{SpecialTokens, TokenizerConfig};
 use crate::train::export::CHATML_JINJA;
 use crate::train::gguf::load_gguf;
 use crate::train::load::{LoadedModel, load_hf_folder};
@@ -30,65 +31,6 @@ pub struct ModelBundle {
     pub chat_template: Option<String>,
 }
 
-/// The special token texts a chat template may write.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SpecialTokens {
-    /// `bos_token`, when the model has one.
-    pub bos: Option<String>,
-    /// `eos_token`, when the model names one.
-    pub eos: Option<String>,
-}
-
-/// What a Hugging Face `tokenizer_config.json` says about BOS, EOS and the chat template.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenizerConfig {
-    /// `bos_token` / `eos_token`.
-    pub special_tokens: SpecialTokens,
-    /// `add_bos_token`, when the file states it.
-    pub add_bos_token: Option<bool>,
-    /// `chat_template` (the default one of a named list).
-    pub chat_template: Option<String>,
-}
-
-impl TokenizerConfig {
-    /// Reads `tokenizer_config.json`; a missing file is an empty config.
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
-        };
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e} ({})", path.display()))?;
-        // A token is a string or an AddedToken object with its text under "content".
-        let token = |key: &str| match config.get(key) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => o
-                .get("content")
-                .and_then(|c| c.as_str())
-                .map(str::to_string),
-            _ => None,
-        };
-        let chat_template = match config.get("chat_template") {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|t| t.get("template").and_then(|s| s.as_str()))
-                .map(str::to_string),
-            _ => None,
-        };
-        Ok(Self {
-            special_tokens: SpecialTokens {
-                bos: token("bos_token"),
-                eos: token("eos_token"),
-            },
-            add_bos_token: config.get("add_bos_token").and_then(|v| v.as_bool()),
-            chat_template,
-        })
-    }
-}
-
 /// A model's chat template (ChatML when it carries none) with its special tokens; `eos_fallback`
 /// is the EOS text from the model config, for configs that name no `eos_token`.
 fn model_template(
@@ -104,6 +46,16 @@ fn model_template(
         .unwrap_or_else(|| "<|im_end|>".to_string());
     let bos = special.bos.clone().unwrap_or_default();
     Ok(ChatTemplate::from_source(source, &bos, &eos)?)
+}
+
+/// The text of the EOS token a model config names (`eos_token_id`, a number or a list whose
+/// first entry counts).
+fn eos_text(config: &crate::train::config::ModelConfig, tokenizer: &Tokenizer) -> Option<String> {
+    config
+        .eos_token_id
+        .as_ref()
+        .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
+        .and_then(|id| tokenizer.id_to_token(id as u32))
 }
 
 /// The tokenizer and chat template a run of the model at `path` (a Hugging Face folder or a
@@ -124,16 +76,12 @@ pub fn model_text_side(path: &Path) -> anyhow::Result<(Tokenizer, ChatTemplate)>
     let tok_path = path.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot read the tokenizer: {e} ({})", tok_path.display()))?;
-    let config = TokenizerConfig::read(&path.join("tokenizer_config.json"))?;
+    let config = TokenizerConfig::read_if_present(&path.join("tokenizer_config.json"))?;
     let model = crate::train::config::ModelConfig::load(&path.join("config.json"))?;
-    let eos_id = model
-        .eos_token_id
-        .as_ref()
-        .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())));
     let template = model_template(
         config.chat_template.as_deref(),
         &config.special_tokens,
-        eos_id.and_then(|id| tokenizer.id_to_token(id as u32)),
+        eos_text(&model, &tokenizer),
     )?;
     Ok((tokenizer, template))
 }
@@ -169,7 +117,7 @@ pub fn load_bundle(path: &Path, device: &Device) -> anyhow::Result<ModelBundle> 
     let tok_path = path.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot read the tokenizer: {e} ({})", tok_path.display()))?;
-    let config = TokenizerConfig::read(&path.join("tokenizer_config.json"))?;
+    let config = TokenizerConfig::read_if_present(&path.join("tokenizer_config.json"))?;
     // HF tokenizers add BOS through their post-processor; where the config asks for a BOS the
     // post-processor does not add, `encode` puts it first (as transformers' Llama tokenizers do).
     let bos = match config.add_bos_token {
@@ -192,16 +140,10 @@ pub fn load_bundle(path: &Path, device: &Device) -> anyhow::Result<ModelBundle> 
 impl ModelBundle {
     /// The model's chat template (ChatML when it carries none) with its BOS and EOS tokens.
     pub fn template(&self) -> anyhow::Result<ChatTemplate> {
-        let eos_id = self
-            .loaded
-            .config
-            .eos_token_id
-            .as_ref()
-            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())));
         model_template(
             self.chat_template.as_deref(),
             &self.special_tokens,
-            eos_id.and_then(|id| self.tokenizer.id_to_token(id as u32)),
+            eos_text(&self.loaded.config, &self.tokenizer),
         )
     }
 

@@ -191,19 +191,10 @@ pub fn start_preview(
             result.mixture = Some(p.mixture(project.packing.mode, &project.mixing));
             match p.check_fits(&pack) {
                 Ok(()) => {
-                    result.packing = Some(PackingPreview::build(
-                        p,
-                        &project.mixing,
-                        &pack,
-                        project.seed,
-                        0,
-                    ));
-                    result.plan = Some(Arc::new(p.pack_epoch(
-                        &project.mixing,
-                        &pack,
-                        project.seed,
-                        0,
-                    )));
+                    // One plan for the statistics and the pack browser.
+                    let plan = p.pack_epoch(&project.mixing, &pack, project.seed, 0);
+                    result.packing = Some(PackingPreview::of_plan(p, &plan, &pack, 0));
+                    result.plan = Some(Arc::new(plan));
                 }
                 Err(e) => result.pack_error = Some(e.to_string()),
             }
