@@ -21,7 +21,7 @@ fn root() -> PathBuf {
 
 /// Writes `n` alpaca-style records over three tasks and a project for them.
 fn big_project(dir: &Path, n: usize) -> PathBuf {
-    let mut project = Project::load(&root().join("presets/demo.moi.toml")).expect("demo");
+    let mut project = Project::load(&root().join("presets/benchmarks.moi.toml")).expect("demo");
     let prompts: Vec<String> = project
         .tasks
         .iter()
@@ -103,7 +103,7 @@ fn main() {
     let n: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(100_000);
 
     // Preview latency on the demo project.
-    let mut demo = Driver::open(root().join("presets/demo.moi.toml"));
+    let mut demo = Driver::open(root().join("presets/benchmarks.moi.toml"));
     demo.harness.state_mut().set_tab(Tab::Packing);
     let t = Instant::now();
     demo.until(|a| !a.is_loading() && !a.preview_pending() && a.packing_preview().is_some());

@@ -16,7 +16,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let repeats: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml");
     let project = Project::load(&path).expect("demo project");
     let data = load_project(&project, &mut |_| {});
     let t = Instant::now();

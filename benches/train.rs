@@ -28,7 +28,7 @@ fn main() {
         .collect();
     let steps: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(10);
     let warmup = 2;
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml");
     let project = Project::load(&path).expect("demo project");
     let data = load_project(&project, &mut |_| {});
     let (tokenizer, prepared) = Prepared::for_project(&project, &data).expect("tokenizing");

@@ -119,7 +119,7 @@ fn import_with_format_and_mapping() {
 #[test]
 fn tasks_of_the_demo_project() {
     let out = studio()
-        .args(["tasks", "presets/demo.moi.toml", "--json"])
+        .args(["tasks", "presets/benchmarks.moi.toml", "--json"])
         .output()
         .unwrap();
     assert_eq!(
@@ -153,7 +153,7 @@ fn tasks_of_the_demo_project() {
     assert_eq!(tasks[1]["system_prompt"], "You are a programmer.");
 
     let text = studio()
-        .args(["tasks", "presets/demo.moi.toml"])
+        .args(["tasks", "presets/benchmarks.moi.toml"])
         .output()
         .unwrap();
     let stdout = String::from_utf8(text.stdout).unwrap();
@@ -198,7 +198,8 @@ fn no_display_names_the_cli_commands() {
 /// The demo project, made quick: short rows, few eval items, short answers.
 fn quick_demo(dir: &std::path::Path) -> PathBuf {
     let mut project =
-        moi_studio::core::project::Project::load(&root().join("presets/demo.moi.toml")).unwrap();
+        moi_studio::core::project::Project::load(&root().join("presets/benchmarks.moi.toml"))
+            .unwrap();
     project.packing.max_seq_len = 128;
     project.training.batch_rows = 1;
     project.training.eval_items = 3;

@@ -11,7 +11,7 @@ use moi_studio::core::packing::{IGNORE_INDEX, PackMode, PackSettings, SegmentKin
 use moi_studio::core::project::Project;
 
 fn demo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml")
 }
 
 struct Fixture {
@@ -179,7 +179,13 @@ fn preview_json_and_pack_parquet_read_back() {
     let out = Command::cargo_bin("moi-studio")
         .unwrap()
         .current_dir(&root)
-        .args(["preview", "presets/demo.moi.toml", "--json", "--rows", "1"])
+        .args([
+            "preview",
+            "presets/benchmarks.moi.toml",
+            "--json",
+            "--rows",
+            "1",
+        ])
         .output()
         .unwrap();
     assert_eq!(
@@ -211,7 +217,7 @@ fn preview_json_and_pack_parquet_read_back() {
     let out = Command::cargo_bin("moi-studio")
         .unwrap()
         .current_dir(&root)
-        .args(["pack", "presets/demo.moi.toml", "--out"])
+        .args(["pack", "presets/benchmarks.moi.toml", "--out"])
         .arg(dir.path())
         .output()
         .unwrap();

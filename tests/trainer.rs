@@ -32,7 +32,7 @@ struct Demo {
 fn demo() -> &'static Demo {
     static D: OnceLock<Demo> = OnceLock::new();
     D.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml");
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml");
         let project = Project::load(&path).unwrap();
         let data = load_project(&project, &mut |_| {});
         let (tokenizer, prepared) = Prepared::for_project(&project, &data).unwrap();
@@ -51,7 +51,7 @@ fn model(seed: u64) -> (Decoder, Vec<(String, Var)>) {
         hidden_size: 32,
         intermediate_size: 64,
         num_hidden_layers: 1,
-        max_position_embeddings: 128,
+        max_position_embeddings: 256,
         ..ModelConfig::tiny(demo().vocab)
     };
     let (m, weights) = new_trainable(&config, seed, &Device::Cpu).unwrap();
@@ -123,7 +123,7 @@ fn run_with(
         while let Ok(e) = rx.recv() {
             if let TrainEvent::Step(m) = &e {
                 assert_eq!(m.steps, 1, "nothing merged with a roomy channel");
-                losses.push(*m);
+                losses.push(m.clone());
                 if stop_after == Some(m.step) {
                     listener_stop.store(true, Ordering::SeqCst);
                 }
@@ -281,7 +281,7 @@ fn stop_ends_the_run_with_a_checkpoint() {
 fn evaluation_reports_every_task_and_early_stopping_ends_a_stalled_run() {
     let dir = tempfile::tempdir().unwrap();
     let (m, params) = model(3);
-    let set = eval_set(128);
+    let set = eval_set(256);
     assert_eq!(set.tasks.len(), 3);
     // With a zero learning rate the eval loss never improves: patience 1 stops at the second
     // evaluation (step 4).

@@ -15,7 +15,7 @@ use moi_studio::train::optim::{AdamW, AdamWConfig, Decay, clip_grad_norm, lr_at}
 
 #[test]
 fn loss_falls_over_50_steps_on_the_demo_data() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml");
     let project = Project::load(&path).unwrap();
     let data = load_project(&project, &mut |_| {});
     let (tokenizer, prepared) = Prepared::for_project(&project, &data).unwrap();

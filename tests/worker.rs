@@ -9,7 +9,7 @@ use moi_studio::core::project::Project;
 use moi_studio::train::worker::{ModelChoice, RunSpec, resume_spec, spawn_run};
 
 fn spec(runs: &std::path::Path, steps: u64) -> RunSpec {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/demo.moi.toml");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml");
     let mut project = Project::load(&path).unwrap();
     project.packing.max_seq_len = 128;
     project.training.batch_rows = 1;

@@ -1,10 +1,12 @@
 //! The command line: the same core functions the studio calls, for scripts and terminals.
 
+mod ablate;
 mod eval;
 mod export;
 mod import;
 mod mix;
 mod score;
+mod synth;
 mod tasks;
 mod train;
 
@@ -43,6 +45,10 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write a run's model as a Hugging Face folder (and a PEFT adapter for LoRA runs).
     Export(export::ExportArgs),
+    /// Run the paper's ablation (seq, concat, balanced, moi) on the project's data and report it.
+    Ablate(ablate::AblateArgs),
+    /// Write the seeded synthetic MoI suite (general, math, code, tool use) and its project.
+    Synth(synth::SynthArgs),
 }
 
 /// One line per command, for messages that tell a user what else they can do.
@@ -68,6 +74,8 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Export(args) => export::run(args),
+        Command::Synth(args) => synth::run(args),
+        Command::Ablate(args) => ablate::run(args),
     }
 }
 

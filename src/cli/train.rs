@@ -26,7 +26,8 @@ pub struct TrainArgs {
     /// Packing mode (default: the project's).
     #[arg(long)]
     pub mode: Option<PackMode>,
-    /// "tiny" for the built-in model, or a Hugging Face folder or .gguf file.
+    /// "tiny" for the built-in model, or a Hugging Face folder or .gguf file (default: the
+    /// project's `training.model`, else tiny).
     #[arg(long)]
     pub model: Option<String>,
     /// Optimizer steps (default: the project's epochs).
@@ -53,6 +54,14 @@ fn say(bar: &indicatif::ProgressBar, line: impl AsRef<str>) {
     }
 }
 
+/// The model a project names in `training.model` (resolved against its folder), else tiny.
+pub(crate) fn project_model(project: &Project) -> ModelChoice {
+    match &project.training.model {
+        Some(p) => ModelChoice::Path(project.resolve(p)),
+        None => ModelChoice::Tiny,
+    }
+}
+
 /// Runs `train`: exit 0 when the run finishes or is stopped, 1 when it fails.
 pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
     let spec = match (&args.resume, &args.project) {
@@ -65,8 +74,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
         (None, Some(path)) => {
             let project = Project::load(path)?;
             let model = match args.model.as_deref() {
-                None | Some("tiny") => ModelChoice::Tiny,
+                Some("tiny") => ModelChoice::Tiny,
                 Some(p) => ModelChoice::Path(PathBuf::from(p)),
+                None => project_model(&project),
             };
             let mut spec = RunSpec::new(project, model);
             if let Some(out) = &args.out {

@@ -4,6 +4,8 @@
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// Special tokens every built-in tokenizer carries, ids 0, 1, 2.
@@ -27,7 +29,12 @@ pub fn train_bpe(
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    // Digits one by one, as Llama 3 and Qwen do: arithmetic is learnable digit by digit, not as
+    // a table of whole numbers.
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     tokenizer
         .train(&mut trainer, texts)
@@ -53,5 +60,17 @@ mod tests {
         );
         assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
         assert!(tok.get_vocab_size(true) <= 500);
+        let digits = tok.encode("add_7 1234", false).unwrap();
+        let pieces: Vec<_> = digits
+            .get_tokens()
+            .iter()
+            .filter(|t| t.chars().any(|c| c.is_ascii_digit()))
+            .collect();
+        assert!(
+            pieces
+                .iter()
+                .all(|t| t.chars().filter(|c| c.is_ascii_digit()).count() == 1),
+            "{pieces:?}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, SendError, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde::{Deserialize, Serialize};
 
 /// What the UI or CLI can ask of a running worker.
@@ -32,8 +32,24 @@ pub enum TrainCommand {
     },
 }
 
+/// The worker's listener has gone away (the window closed or the CLI quit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the listener of the training events is gone")]
+pub struct ListenerGone;
+
+/// One task's share of a step: the mean loss of the trained tokens of its samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskLoss {
+    /// The task's name.
+    pub task: String,
+    /// Mean next-token loss over the task's trained tokens in the step(s).
+    pub loss: f64,
+    /// How many trained tokens that mean is over.
+    pub tokens: u64,
+}
+
 /// One optimizer step's numbers (or several merged, see `steps`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     /// The (last) step number, from 1.
     pub step: u64,
@@ -49,8 +65,15 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     /// Seconds since the run started.
     pub elapsed_s: f64,
+    /// Non-padding tokens trained on since the run started, up to this step.
+    #[serde(default)]
+    pub tokens_seen: u64,
     /// How many steps these numbers stand for (1 unless merged).
     pub steps: u32,
+    /// Each task's mean token loss in the step, for tasks that had trained tokens in it. With
+    /// token-mean loss, these weighted by `tokens` average to `loss`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub task_loss: Vec<TaskLoss>,
 }
 
 impl StepMetrics {
@@ -65,7 +88,20 @@ impl StepMetrics {
         self.epoch = later.epoch;
         self.lr = later.lr;
         self.elapsed_s = later.elapsed_s;
+        self.tokens_seen = later.tokens_seen;
         self.steps += later.steps;
+        for t in &later.task_loss {
+            match self.task_loss.iter_mut().find(|m| m.task == t.task) {
+                Some(m) => {
+                    let n = m.tokens + t.tokens;
+                    if n > 0 {
+                        m.loss = (m.loss * m.tokens as f64 + t.loss * t.tokens as f64) / n as f64;
+                    }
+                    m.tokens = n;
+                }
+                None => self.task_loss.push(t.clone()),
+            }
+        }
     }
 }
 
@@ -112,6 +148,9 @@ pub struct EvalMetrics {
     pub generated: usize,
     /// Answer tokens scored.
     pub tokens: u64,
+    /// The first generated answer, to show what the model says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<String>,
 }
 
 /// Everything a worker reports, in order.
@@ -230,7 +269,7 @@ impl EventSender {
 
     /// Reports a step without blocking; nothing is dropped.
     pub fn step(&mut self, metrics: StepMetrics) {
-        self.record(&TrainEvent::Step(metrics));
+        self.record(&TrainEvent::Step(metrics.clone()));
         let merged = match self.pending.take() {
             Some(mut p) => {
                 p.absorb(&metrics);
@@ -247,20 +286,24 @@ impl EventSender {
 
     /// Sends a lifecycle event (after any pending steps), waiting for room. Fails only when the
     /// listener is gone.
-    pub fn send(&mut self, event: TrainEvent) -> Result<(), SendError<TrainEvent>> {
+    pub fn send(&mut self, event: TrainEvent) -> Result<(), ListenerGone> {
         self.record(&event);
         if let Some(p) = self.pending.take() {
-            self.tx.send(TrainEvent::Step(p))?;
+            self.tx
+                .send(TrainEvent::Step(p))
+                .map_err(|_| ListenerGone)?;
         }
-        self.tx.send(event)?;
+        self.tx.send(event).map_err(|_| ListenerGone)?;
         (self.wake)();
         Ok(())
     }
 
     /// Sends any merged steps still waiting (blocking).
-    pub fn flush(&mut self) -> Result<(), SendError<TrainEvent>> {
+    pub fn flush(&mut self) -> Result<(), ListenerGone> {
         if let Some(p) = self.pending.take() {
-            self.tx.send(TrainEvent::Step(p))?;
+            self.tx
+                .send(TrainEvent::Step(p))
+                .map_err(|_| ListenerGone)?;
             (self.wake)();
         }
         Ok(())
@@ -271,6 +314,27 @@ impl EventSender {
 mod tests {
     use super::*;
 
+    #[test]
+    fn merged_steps_keep_each_tasks_token_weighted_loss() {
+        let with = |n: u64, tasks: &[(&str, f64, u64)]| StepMetrics {
+            task_loss: tasks
+                .iter()
+                .map(|&(t, loss, tokens)| TaskLoss {
+                    task: t.to_string(),
+                    loss,
+                    tokens,
+                })
+                .collect(),
+            ..step(n, 1.0)
+        };
+        let mut a = with(1, &[("math", 2.0, 10), ("code", 1.0, 5)]);
+        a.absorb(&with(2, &[("math", 1.0, 30), ("tool", 3.0, 4)]));
+        let get = |t: &str| a.task_loss.iter().find(|m| m.task == t).cloned().unwrap();
+        assert_eq!(get("math").tokens, 40);
+        assert!((get("math").loss - 1.25).abs() < 1e-12);
+        assert_eq!((get("code").loss, get("tool").loss), (1.0, 3.0));
+    }
+
     fn step(n: u64, loss: f64) -> StepMetrics {
         StepMetrics {
             step: n,
@@ -280,7 +344,9 @@ mod tests {
             grad_norm: 1.0,
             tokens_per_sec: 100.0,
             elapsed_s: n as f64,
+            tokens_seen: n * 100,
             steps: 1,
+            task_loss: Vec::new(),
         }
     }
 
@@ -308,7 +374,7 @@ mod tests {
         let steps: Vec<StepMetrics> = events
             .iter()
             .filter_map(|e| match e {
-                TrainEvent::Step(m) => Some(*m),
+                TrainEvent::Step(m) => Some(m.clone()),
                 _ => None,
             })
             .collect();
@@ -331,6 +397,7 @@ mod tests {
             exact_match: None,
             items: 10,
             generated: 0,
+            sample: None,
             tokens: 400,
         });
         let line = serde_json::to_string(&e).unwrap();

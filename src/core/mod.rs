@@ -1,10 +1,12 @@
 //! Pure logic: records and import, tasks and the project file. No GUI and no model code lives
 //! here, so everything can be tested without a window or a tensor library.
 
+pub mod ablation;
 pub mod bpe;
 pub mod dataset;
 pub mod eval;
 pub mod events;
+pub mod figure;
 pub mod fsutil;
 pub mod import;
 pub mod metrics;
@@ -17,6 +19,7 @@ pub mod runs;
 pub mod sampling;
 pub mod settings;
 pub mod split;
+pub mod synth;
 pub mod template;
 pub mod tokenize;
 pub mod train_settings;

@@ -27,6 +27,8 @@ pub struct TaskCurves {
 pub struct RunHistory {
     /// Training loss per step.
     pub loss: Series,
+    /// Each task's training loss per step (the mean over its tokens in the step).
+    pub task_loss: BTreeMap<String, Series>,
     /// Learning rate per step.
     pub lr: Series,
     /// Tokens per second per step.
@@ -66,6 +68,12 @@ impl RunHistory {
             TrainEvent::Step(m) => {
                 let x = m.step as f64;
                 self.loss.push(x, m.loss);
+                for t in &m.task_loss {
+                    self.task_loss
+                        .entry(t.task.clone())
+                        .or_default()
+                        .push(x, t.loss);
+                }
                 self.lr.push(x, m.lr);
                 self.tokens_per_sec.push(x, m.tokens_per_sec);
                 self.step = m.step;
@@ -185,7 +193,9 @@ mod tests {
             grad_norm: 1.0,
             tokens_per_sec: 1000.0,
             elapsed_s: n as f64,
+            tokens_seen: n * 1000,
             steps: 1,
+            task_loss: Vec::new(),
         })
     }
 
@@ -200,6 +210,7 @@ mod tests {
             exact_match: Some(0.25),
             items: 4,
             generated: 4,
+            sample: None,
             tokens: 100,
         })
     }

@@ -140,7 +140,9 @@ impl std::str::FromStr for PackMode {
 }
 
 /// Who may attend to whom inside a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionLayout {
     /// Causal across the whole row.

@@ -56,8 +56,17 @@ pub enum LossNorm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainSettings {
+    /// The model a run trains when none is chosen: a Hugging Face folder or a .gguf file,
+    /// relative to the project file; absent, the built-in tiny model.
+    pub model: Option<std::path::PathBuf>,
     /// Stop after this many optimizer steps (otherwise after the mixing epochs).
     pub max_steps: Option<u64>,
+    /// Stop once this many non-padding tokens were trained on (an ablation's budget); the
+    /// schedule plans for it. Overrides `max_steps`.
+    pub max_tokens: Option<u64>,
+    /// Also evaluate each time this many more non-padding tokens were trained on (0 = off), so
+    /// runs with different packing are compared at the same token counts.
+    pub eval_every_tokens: u64,
     /// Packed rows per micro-batch.
     pub batch_rows: usize,
     /// Micro-batches per optimizer step.
@@ -88,6 +97,20 @@ pub struct TrainSettings {
     pub early_stopping_patience: u32,
     /// Low-rank adapters instead of full fine-tuning.
     pub lora: LoraSettings,
+    /// The built-in tiny model's size, where a project wants another than
+    /// `presets/tiny_model.json`'s.
+    pub tiny: TinySize,
+}
+
+/// Overrides of the built-in tiny model's size (`[training.tiny]`); absent fields keep the
+/// preset's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TinySize {
+    /// Width (the MLP is 2.7× as wide; 4 heads, 2 of them for keys and values).
+    pub hidden_size: Option<usize>,
+    /// Decoder layers.
+    pub layers: Option<usize>,
 }
 
 /// A linear layer LoRA can adapt.
@@ -180,7 +203,10 @@ impl LoraSettings {
 impl Default for TrainSettings {
     fn default() -> Self {
         Self {
+            model: None,
             max_steps: None,
+            max_tokens: None,
+            eval_every_tokens: 0,
             batch_rows: 4,
             grad_accum: 1,
             lr: 1e-3,
@@ -196,6 +222,7 @@ impl Default for TrainSettings {
             eval_generate: 4,
             early_stopping_patience: 0,
             lora: LoraSettings::default(),
+            tiny: TinySize::default(),
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct Batch {
     pub tokens: usize,
     /// Targets with a non-zero weight.
     pub trained: usize,
+    /// The task of each target's sample (`None` where not trained), for per-task losses.
+    pub target_tasks: Vec<Option<u32>>,
 }
 
 /// What a whole optimizer step's loss is normalised by: trained targets and samples over every
@@ -109,6 +111,10 @@ pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> 
         }
     }
     let trained = owner.iter().filter(|o| o.is_some()).count();
+    let target_tasks: Vec<Option<u32>> = owner
+        .iter()
+        .map(|o| o.and_then(|(r, s)| rows[r].segments[s].task))
+        .collect();
     match step.norm {
         LossNorm::TokenMean => {
             for (w, o) in weights.iter_mut().zip(&owner) {
@@ -138,11 +144,18 @@ pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> 
         weights: Tensor::from_vec(weights, b * (t - 1), device)?,
         tokens,
         trained,
+        target_tasks,
     })
 }
 
 /// The weighted next-token loss of `model` on `batch` (a scalar).
 pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
+    Ok(batch_loss_parts(model, batch)?.0)
+}
+
+/// The weighted loss (a scalar) and every target's log-probability `[b·(t−1)]`, from which
+/// per-task losses are read.
+pub fn batch_loss_parts(model: &Decoder, batch: &Batch) -> Result<(Tensor, Tensor)> {
     let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;
     let (b, t, v) = logits.dims3()?;
     let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
@@ -150,7 +163,44 @@ pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
     let picked = log_probs
         .gather(&batch.targets.unsqueeze(1)?, 1)?
         .squeeze(1)?;
-    (picked * &batch.weights)?.sum_all()?.neg()
+    let loss = (&picked * &batch.weights)?.sum_all()?.neg()?;
+    Ok((loss, picked.detach()))
+}
+
+/// Sums of per-target loss and counts by task, over one step's micro-batches.
+#[derive(Debug, Clone, Default)]
+pub struct TaskLossSums {
+    sums: Vec<(f64, u64)>,
+}
+
+impl TaskLossSums {
+    /// Adds a micro-batch: `log_probs` are its targets' log-probabilities.
+    pub fn add(&mut self, batch: &Batch, log_probs: &[f32]) {
+        for (task, lp) in batch.target_tasks.iter().zip(log_probs) {
+            if let Some(task) = *task {
+                let i = task as usize;
+                if self.sums.len() <= i {
+                    self.sums.resize(i + 1, (0.0, 0));
+                }
+                self.sums[i].0 -= f64::from(*lp);
+                self.sums[i].1 += 1;
+            }
+        }
+    }
+
+    /// Each task's mean loss, named by `names` (task index order), tasks without tokens left out.
+    pub fn means(&self, names: &[String]) -> Vec<crate::core::events::TaskLoss> {
+        self.sums
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(i, (sum, n))| crate::core::events::TaskLoss {
+                task: names.get(i).cloned().unwrap_or_else(|| format!("task {i}")),
+                loss: sum / *n as f64,
+                tokens: *n,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +284,56 @@ mod tests {
         assert_eq!(b.input_ids.dims(), &[2, 10]);
         assert_eq!(b.tokens, 14);
         assert_eq!(b.trained, 8);
+    }
+
+    #[test]
+    fn per_task_losses_weighted_by_tokens_average_to_the_step_loss() {
+        use crate::train::config::ModelConfig;
+        use crate::train::model::new_trainable;
+        let dev = Device::Cpu;
+        let config = ModelConfig {
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(1),
+            max_position_embeddings: 32,
+            ..ModelConfig::tiny(32)
+        };
+        let (model, _) = new_trainable(&config, 5, &dev).unwrap();
+        // The second instruction of each row belongs to task 1; one row is task 0 alone.
+        let mut mixed = row();
+        mixed.segments[1].task = Some(1);
+        let rows = [mixed.clone(), short_row(), mixed];
+        let step = StepNorm::of(&rows, LossNorm::TokenMean);
+        let mut sums = TaskLossSums::default();
+        let mut step_loss = 0f64;
+        for micro in rows.chunks(2) {
+            let b = make_step_batch(micro, &step, &dev).unwrap();
+            let (loss, lp) = batch_loss_parts(&model, &b).unwrap();
+            step_loss += f64::from(loss.to_scalar::<f32>().unwrap());
+            sums.add(&b, &lp.to_vec1::<f32>().unwrap());
+        }
+        let names = ["a".to_string(), "b".to_string()];
+        let per_task = sums.means(&names);
+        assert_eq!(per_task.len(), 2);
+        assert_eq!(per_task[0].task, "a");
+        // Task 0: 2 trained targets in each of three rows; task 1: 4 in each of two.
+        assert_eq!((per_task[0].tokens, per_task[1].tokens), (6, 8));
+        let tokens: u64 = per_task.iter().map(|t| t.tokens).sum();
+        let weighted: f64 = per_task
+            .iter()
+            .map(|t| t.loss * t.tokens as f64)
+            .sum::<f64>()
+            / tokens as f64;
+        assert!(
+            (weighted - step_loss).abs() < 1e-5,
+            "{weighted} vs {step_loss}"
+        );
+        assert!(
+            (per_task[0].loss - per_task[1].loss).abs() > 1e-6,
+            "the tasks differ"
+        );
     }
 
     #[test]

@@ -225,24 +225,28 @@ fn exact_match(
     items: &[EvalItem],
     check: AnswerCheck,
     max_new: usize,
-) -> candle_core::Result<Option<(f64, usize)>> {
+) -> candle_core::Result<Option<(f64, usize, String)>> {
     if check.is_none() || set.generate == 0 {
         return Ok(None);
     }
     let limit = model.config.max_position_embeddings;
     let (mut passed, mut tried) = (0usize, 0usize);
+    let mut first = String::new();
     for item in items.iter().take(set.generate) {
         if item.prompt.is_empty() || item.prompt.len() >= limit {
             continue;
         }
         let out = model.generate(&item.prompt, max_new, &set.stop, 0.0, 0)?;
         let text = set.tokenizer.decode(&out, true).unwrap_or_default();
+        if tried == 0 {
+            first = text.clone();
+        }
         tried += 1;
         if check.passes(&text, &item.reference) == Some(true) {
             passed += 1;
         }
     }
-    Ok((tried > 0).then(|| (passed as f64 / tried as f64, tried)))
+    Ok((tried > 0).then(|| (passed as f64 / tried as f64, tried, first)))
 }
 
 /// Evaluates every task under both prompt kinds at `step`. `keep_going` is asked between
@@ -272,10 +276,11 @@ pub fn evaluate(
                 loss,
                 perplexity: loss.exp(),
                 accuracy: correct as f64 / tokens.max(1) as f64,
-                exact_match: em.map(|(share, _)| share),
+                exact_match: em.as_ref().map(|(share, _, _)| *share),
                 items: items.len(),
-                generated: em.map_or(0, |(_, n)| n),
+                generated: em.as_ref().map_or(0, |(_, n, _)| *n),
                 tokens,
+                sample: em.map(|(_, _, text)| text),
             });
         }
     }
@@ -373,6 +378,7 @@ mod tests {
             items: 1,
             generated: 0,
             tokens: 1,
+            sample: None,
         };
         let results = [
             m("a", PromptKind::Task, 1.0),

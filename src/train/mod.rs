@@ -1,6 +1,7 @@
 //! Model-side code (candle): device choice, the trainable decoder (full or LoRA), loading and
 //! exporting Hugging Face models, the training loop, per-task evaluation and the worker thread.
 
+pub mod ablate;
 pub mod batch;
 pub mod chat;
 pub mod config;

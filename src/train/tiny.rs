@@ -9,6 +9,7 @@ use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::core::bpe::{SPECIAL_TOKENS, train_bpe};
+use crate::core::train_settings::TinySize;
 use crate::train::config::ModelConfig;
 use crate::train::export::{CHATML_JINJA, save_model_folder, tensors_of};
 use crate::train::model::{init_weights, named_vars};
@@ -17,8 +18,27 @@ const TINY_PRESET: &str = include_str!("../../presets/tiny_model.json");
 
 /// The tiny model's configuration for a tokenizer of `vocab_size` tokens.
 pub fn tiny_config(vocab_size: usize) -> anyhow::Result<ModelConfig> {
+    tiny_config_sized(vocab_size, TinySize::default())
+}
+
+/// The tiny model's configuration with a project's size overrides.
+pub fn tiny_config_sized(vocab_size: usize, size: TinySize) -> anyhow::Result<ModelConfig> {
     let mut config: ModelConfig = serde_json::from_str(TINY_PRESET)
         .context("presets/tiny_model.json is not a model config")?;
+    if let Some(h) = size.hidden_size {
+        if h == 0 || !h.is_multiple_of(8) {
+            anyhow::bail!("training.tiny.hidden_size must be a positive multiple of 8, not {h}");
+        }
+        config.hidden_size = h;
+        // The preset's MLP ratio (688 / 256), rounded to a multiple of 8.
+        config.intermediate_size = (h * 43 / 16).div_ceil(8) * 8;
+    }
+    if let Some(l) = size.layers {
+        if l == 0 {
+            anyhow::bail!("training.tiny.layers must be at least 1");
+        }
+        config.num_hidden_layers = l;
+    }
     config.vocab_size = vocab_size;
     config.eos_token_id = Some(serde_json::Value::from(2));
     config.check().map_err(anyhow::Error::msg)?;

@@ -17,7 +17,7 @@ use crate::core::mixing::Prepared;
 use crate::core::packing::{PackPlan, PackSettings};
 use crate::core::settings::MixSettings;
 pub use crate::core::train_settings::TrainSettings;
-use crate::train::batch::{StepNorm, batch_loss, make_step_batch};
+use crate::train::batch::{StepNorm, TaskLossSums, batch_loss_parts, make_step_batch};
 use crate::train::chat::Chat;
 use crate::train::eval::{EvalSet, evaluate, watched_loss};
 use crate::train::model::Decoder;
@@ -40,6 +40,9 @@ pub struct TrainerState {
     /// Evaluations since the best one.
     #[serde(default)]
     pub evals_since_best: u32,
+    /// Non-padding tokens trained on so far.
+    #[serde(default)]
+    pub tokens: u64,
 }
 
 /// Everything a run needs.
@@ -85,12 +88,22 @@ fn rows_in_epoch(job: &TrainJob, epoch: u32) -> usize {
         .len()
 }
 
-/// Steps the run plans: `max_steps`, or every epoch's rows.
+/// Steps the run plans: for a token budget, the steps that hold it at the first epoch's tokens
+/// per step; else `max_steps`, or every epoch's rows.
 pub fn planned_steps(job: &TrainJob) -> u64 {
+    let per_step = (job.train.batch_rows * job.train.grad_accum).max(1);
+    if let Some(budget) = job.train.max_tokens {
+        let plan = job.prepared.pack_epoch(job.mix, job.pack, job.seed, 0);
+        let tokens: u64 = (0..plan.rows.len())
+            .map(|i| job.prepared.row(&plan, i, job.pack).input_ids.len() as u64)
+            .sum();
+        let steps = plan.rows.len().div_ceil(per_step).max(1) as u64;
+        let per = (tokens / steps).max(1);
+        return budget.div_ceil(per).max(1);
+    }
     if let Some(s) = job.train.max_steps {
         return s;
     }
-    let per_step = (job.train.batch_rows * job.train.grad_accum).max(1);
     (0..job.mix.epochs.max(1))
         .map(|e| rows_in_epoch(job, e).div_ceil(per_step) as u64)
         .sum()
@@ -180,17 +193,24 @@ pub fn train(
         total_steps,
         best_eval: None,
         evals_since_best: 0,
+        tokens: 0,
     });
     let device = job.model.device().clone();
     let vars: Vec<Var> = job.weights.iter().map(|(_, v)| v.clone()).collect();
     let mut plan: PackPlan = job
         .prepared
         .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+    let task_names: Vec<String> = job.prepared.tasks.iter().map(|t| t.name.clone()).collect();
     let started = Instant::now();
     let mut paused = false;
     let mut eval_now = false;
     let per_step = job.train.batch_rows.max(1);
-    while state.step < total_steps {
+    // With a token budget the budget ends the run (the planned steps only shape the schedule).
+    let more = |state: &TrainerState| match job.train.max_tokens {
+        Some(budget) => state.tokens < budget,
+        None => state.step < total_steps,
+    };
+    while more(&state) {
         // Commands are taken between steps; while paused the worker waits for the next one.
         loop {
             let cmd = if paused {
@@ -272,12 +292,14 @@ pub fn train(
             .collect();
         state.row = step_end;
         let norm = StepNorm::of(&step_rows, job.train.loss_norm);
+        let mut task_sums = TaskLossSums::default();
         for (micro, rows) in step_rows.chunks(per_step).enumerate() {
             let batch = make_step_batch(rows, &norm, &device)?;
             job.model
                 .set_dropout_seed(job.seed ^ (state.step << 16) ^ micro as u64);
             tokens += batch.tokens;
-            let loss = batch_loss(job.model, &batch)?;
+            let (loss, log_probs) = batch_loss_parts(job.model, &batch)?;
+            task_sums.add(&batch, &log_probs.to_vec1::<f32>()?);
             let value = f64::from(loss.to_scalar::<f32>()?);
             if !value.is_finite() {
                 anyhow::bail!(
@@ -323,6 +345,8 @@ pub fn train(
         );
         opt.step(&grads, lr)?;
         state.step += 1;
+        let tokens_before = state.tokens;
+        state.tokens += tokens as u64;
         let secs = step_started.elapsed().as_secs_f64().max(1e-9);
         events.step(StepMetrics {
             step: state.step,
@@ -332,10 +356,15 @@ pub fn train(
             grad_norm,
             tokens_per_sec: tokens as f64 / secs,
             elapsed_s: started.elapsed().as_secs_f64(),
+            tokens_seen: state.tokens,
             steps: 1,
+            task_loss: task_sums.means(&task_names),
         });
         let every = job.train.eval_every_steps;
-        if every > 0 && state.step.is_multiple_of(every) && state.step < total_steps {
+        let every_tokens = job.train.eval_every_tokens;
+        let token_mark =
+            every_tokens > 0 && tokens_before / every_tokens < state.tokens / every_tokens;
+        if ((every > 0 && state.step.is_multiple_of(every)) || token_mark) && more(&state) {
             let patience = job.train.early_stopping_patience;
             if run_eval(job, &mut state, events, stop)?
                 && patience > 0
@@ -355,7 +384,7 @@ pub fn train(
             }
         }
         let every = job.train.checkpoint_every;
-        if every > 0 && state.step.is_multiple_of(every) && state.step < total_steps {
+        if every > 0 && state.step.is_multiple_of(every) && more(&state) {
             save_and_report(job, opt, &state, events)?;
         }
     }

@@ -30,7 +30,7 @@ use crate::train::export::{save_model_folder, save_peft_adapter, tensors_of};
 use crate::train::model::{Decoder, init_lora, init_weights, merge_lora, named_vars};
 use crate::train::optim::AdamW;
 use crate::train::score::load_bundle;
-use crate::train::tiny::tiny_config;
+use crate::train::tiny::{tiny_config, tiny_config_sized};
 use crate::train::trainer::{
     Ending, TrainJob, latest_checkpoint, load_checkpoint, planned_steps, train,
 };
@@ -83,6 +83,8 @@ pub struct RunSpec {
     /// Continue the run in this folder from its newest checkpoint instead of starting a new one
     /// (`project` and `model` should be the ones it ran with: see [`resume_spec`]).
     pub resume: Option<PathBuf>,
+    /// The new run's folder name in `runs_dir` (default: its start time and a random part).
+    pub name: Option<String>,
 }
 
 impl RunSpec {
@@ -99,6 +101,7 @@ impl RunSpec {
             force_cpu: false,
             lora: None,
             resume: None,
+            name: None,
         }
     }
 }
@@ -170,7 +173,7 @@ fn run_id() -> String {
 pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
     let run_dir = match &spec.resume {
         Some(dir) => dir.clone(),
-        None => spec.runs_dir.join(run_id()),
+        None => spec.runs_dir.join(spec.name.clone().unwrap_or_else(run_id)),
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (mut events, rx) = event_channel(256, wake);
@@ -275,7 +278,7 @@ fn build_parts(
                 write_atomic(&saved, text.as_bytes())?;
                 tokenizer
             };
-            let config = tiny_config(tokenizer.get_vocab_size(true))?;
+            let config = tiny_config_sized(tokenizer.get_vocab_size(true), project.training.tiny)?;
             let weights = named_vars(&init_weights(&config, project.seed, device)?);
             let template = load_template(project, &project.mixing)?;
             (config, weights, tokenizer, template)

@@ -33,13 +33,22 @@ pub enum Tab {
     Packing,
     /// Training with live plots.
     Train,
+    /// The paper's ablation on the project.
+    Experiments,
     /// Past runs.
     Runs,
 }
 
 impl Tab {
     /// Every tab, in order.
-    pub const ALL: [Tab; 5] = [Tab::Data, Tab::Mixture, Tab::Packing, Tab::Train, Tab::Runs];
+    pub const ALL: [Tab; 6] = [
+        Tab::Data,
+        Tab::Mixture,
+        Tab::Packing,
+        Tab::Train,
+        Tab::Experiments,
+        Tab::Runs,
+    ];
 
     /// Its title.
     pub fn title(self) -> &'static str {
@@ -48,6 +57,7 @@ impl Tab {
             Tab::Mixture => "Mixture",
             Tab::Packing => "Packing",
             Tab::Train => "Train",
+            Tab::Experiments => "Experiments",
             Tab::Runs => "Runs",
         }
     }
@@ -178,6 +188,7 @@ pub struct StudioApp {
     pub(crate) preview: PreviewState,
     pub(crate) train: Option<TrainState>,
     pub(crate) history: RunHistory,
+    pub(crate) experiments: crate::ui::experiments_tab::ExperimentsState,
     pub(crate) model: ModelPick,
     pub(crate) steps_override: Option<u64>,
     pub(crate) try_it: TryIt,
@@ -228,6 +239,7 @@ impl StudioApp {
             preview: PreviewState::default(),
             train: None,
             history: RunHistory::default(),
+            experiments: Default::default(),
             model: ModelPick::Tiny,
             steps_override: Some(60),
             try_it: TryIt {
@@ -279,6 +291,22 @@ impl StudioApp {
                 self.record_index = 0;
                 self.preview = PreviewState::default();
                 self.history = RunHistory::default();
+                self.model = match &self.project.training.model {
+                    Some(p) => {
+                        let p = self.project.resolve(p);
+                        if p.extension()
+                            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+                        {
+                            ModelPick::Gguf(p)
+                        } else {
+                            ModelPick::Folder(p)
+                        }
+                    }
+                    None => ModelPick::Tiny,
+                };
+                if !self.experiments.is_running() {
+                    self.experiments = Default::default();
+                }
                 self.runs_loaded = false;
                 self.selected_runs.clear();
                 self.run_histories.clear();

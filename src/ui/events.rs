@@ -120,6 +120,7 @@ impl StudioApp {
         }
         // Training: every event is taken in; steps arrive merged when the UI was slow.
         self.drain_training(deadline);
+        self.drain_experiments();
     }
 
     pub(crate) fn drain_training(&mut self, deadline: Instant) {
@@ -190,6 +191,10 @@ impl StudioApp {
     /// Starts training the project with the chosen model.
     pub fn start_training(&mut self) {
         if self.is_training() {
+            return;
+        }
+        if self.experiments.is_running() {
+            self.status = "an ablation is running; stop it before training".to_string();
             return;
         }
         let mut spec =

@@ -4,6 +4,7 @@
 mod app;
 mod data_tab;
 mod events;
+mod experiments_tab;
 mod jobs;
 mod mixture_tab;
 mod packing_tab;

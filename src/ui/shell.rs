@@ -52,10 +52,15 @@ impl StudioApp {
                 Tab::Mixture => self.mixture_tab(ui),
                 Tab::Packing => self.packing_tab(ui),
                 Tab::Train => self.train_tab(ui),
+                Tab::Experiments => self.experiments_tab(ui),
                 Tab::Runs => self.runs_tab(ui),
             }
         });
-        if self.is_training() || self.preview.job.is_some() || self.is_loading() {
+        if self.is_training()
+            || self.experiments.is_running()
+            || self.preview.job.is_some()
+            || self.is_loading()
+        {
             ui.ctx().request_repaint_after(Duration::from_millis(250));
         }
         self.last_frame = started.elapsed();

@@ -22,7 +22,7 @@ fn root() -> PathBuf {
 /// The demo project saved into `dir` (its sources still point at the shipped data), made quick
 /// for training: short rows, few eval items, short answers.
 fn demo_copy(dir: &Path) -> PathBuf {
-    let mut p = Project::load(&root().join("presets/demo.moi.toml")).unwrap();
+    let mut p = Project::load(&root().join("presets/benchmarks.moi.toml")).unwrap();
     p.packing.max_seq_len = 128;
     p.training.batch_rows = 1;
     p.training.eval_items = 2;

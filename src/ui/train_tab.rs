@@ -361,19 +361,31 @@ impl StudioApp {
     fn train_plots(&mut self, ui: &mut egui::Ui) {
         let h = &self.history;
         let width = ((ui.available_width() - 24.0) / 3.0).max(160.0);
+        let names: Vec<String> = self.project.tasks.iter().map(|t| t.name.clone()).collect();
         ui.horizontal(|ui| {
+            let mut items = vec![
+                Item::Line(line("raw", h.loss.points()).color(egui::Color32::from_gray(150))),
+                Item::Line(
+                    line("total", h.loss.smoothed(0.9))
+                        .color(egui::Color32::from_rgb(86, 156, 214))
+                        .width(2.5),
+                ),
+            ];
+            // One line per task, smoothed: which task is learnt and which is starved.
+            for (name, series) in &h.task_loss {
+                let color = names
+                    .iter()
+                    .position(|n| n == name)
+                    .map_or(egui::Color32::GRAY, task_color);
+                items.push(Item::Line(
+                    line(name, series.smoothed(0.9)).color(color).width(1.5),
+                ));
+            }
             small_plot(
                 ui,
                 "loss",
-                "Training loss",
-                vec![
-                    Item::Line(line("raw", h.loss.points()).color(egui::Color32::from_gray(150))),
-                    Item::Line(
-                        line("smoothed", h.loss.smoothed(0.9))
-                            .color(egui::Color32::from_rgb(86, 156, 214))
-                            .width(2.0),
-                    ),
-                ],
+                "Training loss, total and per task",
+                items,
                 width,
             );
             small_plot(
@@ -391,7 +403,6 @@ impl StudioApp {
                 width,
             );
         });
-        let names: Vec<String> = self.project.tasks.iter().map(|t| t.name.clone()).collect();
         let width2 = ((ui.available_width() - 16.0) / 2.0).max(200.0);
         ui.horizontal(|ui| {
             small_plot(
