@@ -391,10 +391,12 @@ impl AblationResults {
         groups
     }
 
-    /// The final evaluation of every group × task × prompt kind, over the seeds that have one.
+    /// The final evaluation of every group × task × prompt kind, over the seeds whose runs
+    /// finished (an unfinished run's latest evaluation is not its final one).
     pub fn rows(&self) -> Vec<ResultRow> {
         let mut out = Vec::new();
-        for ((variant, attention), records) in self.groups() {
+        for ((variant, attention), mut records) in self.groups() {
+            records.retain(|r| r.finished);
             for task in &self.tasks {
                 for prompt in [PromptKind::Default, PromptKind::Task] {
                     let last: Vec<&EvalAt> = records
@@ -432,7 +434,7 @@ impl AblationResults {
         let gaps: Vec<f64> = self
             .runs
             .iter()
-            .filter(|(k, _)| k.variant == variant && k.attention == attention)
+            .filter(|(k, r)| k.variant == variant && k.attention == attention && r.finished)
             .filter_map(|(_, r)| {
                 let own = r.curve(task, PromptKind::Task).last().copied()?;
                 let default = r.curve(task, PromptKind::Default).last().copied()?;
@@ -720,6 +722,7 @@ mod tests {
                     step(1, 10_000),
                     eval(1, "math", PromptKind::Default, d),
                     eval(1, "math", PromptKind::Task, t),
+                    TrainEvent::Finished { step: 1 },
                 ]),
             );
         }
@@ -750,7 +753,29 @@ mod tests {
             csv.contains("concat,chunk,\"math\",default,10000,2,"),
             "{csv}"
         );
+        // An unfinished run's evaluations are curves, not results.
+        let mut partial = record(&[step(1, 5_000), eval(1, "math", PromptKind::Default, 0.9)]);
+        partial.finished = false;
+        results.insert(
+            RunKey {
+                variant: Variant::Seq,
+                attention: AttentionLayout::Chunk,
+                seed: 1,
+            },
+            partial,
+        );
+        assert!(results.rows().iter().all(|r| r.variant != Variant::Seq));
+        assert!(
+            results
+                .gap(Variant::Seq, AttentionLayout::Chunk, "math")
+                .is_none()
+        );
         let curves = results.curves("math", PromptKind::Default, Metric::ExactMatch);
+        assert_eq!(curves.len(), 3);
+        let curves: Vec<_> = curves
+            .into_iter()
+            .filter(|(l, _)| !l.starts_with("seq"))
+            .collect();
         assert_eq!(curves.len(), 2);
         assert_eq!(curves[1].1, vec![(10_000.0, 0.6)]);
     }

@@ -119,6 +119,10 @@ pub fn run_ablation(
     progress: &mut dyn FnMut(AblationProgress),
 ) -> anyhow::Result<bool> {
     prepare_folder(out, project, plan)?;
+    // Every run trains the project as it was when the ablation started, even when resumed
+    // after the project was edited.
+    let snapshot = Project::load(&out.join("project.moi.toml"))?;
+    let project = &snapshot;
     let runs = plan.runs();
     let total = runs.len();
     let runs_dir = out.join("runs");

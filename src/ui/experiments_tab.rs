@@ -240,19 +240,36 @@ impl StudioApp {
     }
 
     fn start_ablation(&mut self) {
+        match self.experiments.plan_from_controls() {
+            Ok(plan) => {
+                let folder = ablations_dir(&self.project)
+                    .join(jiff::Zoned::now().strftime("%Y%m%d-%H%M%S").to_string());
+                self.launch_ablation(plan, folder);
+            }
+            Err(e) => self.experiments.error = Some(e),
+        }
+    }
+
+    /// Continues an unfinished ablation in `dir` with its own plan (finished runs are reused,
+    /// the interrupted one resumes from its checkpoint).
+    fn resume_ablation(&mut self, dir: PathBuf) {
+        let plan = std::fs::read_to_string(dir.join("ablation.json"))
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<AblationPlan>(&t).map_err(|e| e.to_string()));
+        match plan {
+            Ok(plan) => self.launch_ablation(plan, dir),
+            Err(e) => {
+                self.experiments.error =
+                    Some(format!("{e} ({})", dir.join("ablation.json").display()))
+            }
+        }
+    }
+
+    fn launch_ablation(&mut self, plan: AblationPlan, folder: PathBuf) {
         if self.is_training() {
             self.experiments.error = Some("stop the training run first".into());
             return;
         }
-        let plan = match self.experiments.plan_from_controls() {
-            Ok(p) => p,
-            Err(e) => {
-                self.experiments.error = Some(e);
-                return;
-            }
-        };
-        let folder = ablations_dir(&self.project)
-            .join(jiff::Zoned::now().strftime("%Y%m%d-%H%M%S").to_string());
         let (tx, rx) = crossbeam_channel::bounded(256);
         let stop = Arc::new(AtomicBool::new(false));
         let project = self.project.clone();
@@ -455,7 +472,7 @@ impl StudioApp {
         ui.strong(if e.complete {
             "Results (final evaluation, mean ± sd over seeds)"
         } else {
-            "Results so far"
+            "Results so far (finished runs)"
         });
         egui::Grid::new("ablation_results")
             .striped(true)
@@ -510,12 +527,11 @@ impl StudioApp {
             return;
         }
         let mut open = None;
+        let mut resume = None;
+        let idle = !self.experiments.is_running();
         for dir in &self.experiments.past {
             ui.horizontal(|ui| {
-                if ui
-                    .add_enabled(!self.experiments.is_running(), egui::Button::new("Show"))
-                    .clicked()
-                {
+                if ui.add_enabled(idle, egui::Button::new("Show")).clicked() {
                     open = Some(dir.clone());
                 }
                 ui.label(
@@ -527,11 +543,17 @@ impl StudioApp {
                     ui.weak("complete");
                 } else {
                     ui.weak("unfinished");
+                    if ui.add_enabled(idle, egui::Button::new("Resume")).clicked() {
+                        resume = Some(dir.clone());
+                    }
                 }
             });
         }
         if let Some(dir) = open {
             self.load_past(dir);
+        }
+        if let Some(dir) = resume {
+            self.resume_ablation(dir);
         }
     }
 }
