@@ -444,6 +444,27 @@ impl AblationResults {
         Spread::of(&gaps)
     }
 
+    /// The loss gap of a group and task: default-prompt eval loss minus task-prompt eval loss
+    /// per seed (positive: the model does better when told its task's prompt), over seeds.
+    pub fn loss_gap(
+        &self,
+        variant: Variant,
+        attention: AttentionLayout,
+        task: &str,
+    ) -> Option<Spread> {
+        let gaps: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|(k, r)| k.variant == variant && k.attention == attention && r.finished)
+            .filter_map(|(_, r)| {
+                let own = r.curve(task, PromptKind::Task).last().copied()?;
+                let default = r.curve(task, PromptKind::Default).last().copied()?;
+                Some(default.metrics.loss - own.metrics.loss)
+            })
+            .collect();
+        Spread::of(&gaps)
+    }
+
     /// Mean-over-seeds curves of one task's metric under one prompt kind, one per group:
     /// (label, points of (tokens, value)). The k-th evaluation of each seed is averaged.
     pub fn curves(
@@ -569,15 +590,18 @@ impl AblationResults {
                 .map_or("–".to_string(), |s| format!("{:.1}", s.mean * 100.0));
             let _ = writeln!(out, " {mean} |");
         }
-        out.push_str("\n## Eval loss under the default prompt (task prompt)\n\n| variant |");
+        out.push_str(
+            "\n## Eval loss under the default prompt (task prompt; loss gap = default − task)\n\n\
+             | variant |",
+        );
         for t in &self.tasks {
             let _ = write!(out, " {t} |");
         }
-        out.push_str("\n|---|");
+        out.push_str(" mean loss gap |\n|---|");
         for _ in &self.tasks {
             out.push_str("---|");
         }
-        out.push('\n');
+        out.push_str("---|\n");
         for ((variant, attention), _) in self.groups() {
             let a = attention_name(attention);
             let key = RunKey {
@@ -586,12 +610,19 @@ impl AblationResults {
                 seed: 0,
             };
             let _ = write!(out, "| {} |", key.label());
+            let mut gaps = Vec::new();
             for t in &self.tasks {
                 let cell =
                     |p| find(variant, a, t, p).map_or("–".to_string(), |r| r.loss.show(1.0, 3));
-                let _ = write!(out, " {} ({}) |", cell("default"), cell("task"));
+                let gap = self.loss_gap(variant, attention, t);
+                if let Some(g) = gap {
+                    gaps.push(g.mean);
+                }
+                let gap = gap.map_or("–".to_string(), |g| format!("{:+.3}", g.mean));
+                let _ = write!(out, " {} ({}; {gap}) |", cell("default"), cell("task"));
             }
-            out.push('\n');
+            let mean = Spread::of(&gaps).map_or("–".to_string(), |s| format!("{:+.3}", s.mean));
+            let _ = writeln!(out, " {mean} |");
         }
         out
     }
@@ -742,7 +773,13 @@ mod tests {
             .gap(Variant::Moi, AttentionLayout::Chunk, "math")
             .unwrap();
         assert!((gap.mean - 0.0).abs() < 1e-12, "{gap:?}");
+        // Losses are 1 − em here: concat's default loss exceeds its task loss by 0.4.
+        let lg = results
+            .loss_gap(Variant::Concat, AttentionLayout::Chunk, "math")
+            .unwrap();
+        assert!((lg.mean - 0.4).abs() < 1e-12, "{lg:?}");
         let md = results.markdown(&plan);
+        assert!(md.contains("(0.400 ± 0.141; +0.400) | +0.400 |"), "{md}");
         assert!(
             md.contains("| moi · chunk | 60.0 ± 14.1 (60.0 ± 0.0; +0.0) | 60.0 |"),
             "{md}"

@@ -64,10 +64,22 @@ fn font() {
 /// Draws the figure into `path` (PNG), written beside and renamed into place.
 pub fn draw_figure(path: &Path, results: &AblationResults) -> anyhow::Result<()> {
     font();
-    let tasks = &results.tasks;
-    let cols = tasks.len().clamp(1, 2);
-    let rows = tasks.len().div_ceil(cols).max(1);
-    let (w, h) = (720 * cols as u32, 420 * rows as u32 + 40);
+    // One row per task: its exact match (where it has a check) and its eval loss.
+    let panels_wanted: Vec<(String, Metric)> = results
+        .tasks
+        .iter()
+        .flat_map(|t| {
+            let mut v = Vec::new();
+            if metric_for(results, t) == Metric::ExactMatch {
+                v.push((t.clone(), Metric::ExactMatch));
+            }
+            v.push((t.clone(), Metric::Loss));
+            v
+        })
+        .collect();
+    let cols = 2usize;
+    let rows = panels_wanted.len().div_ceil(cols).max(1);
+    let (w, h) = (720 * cols as u32, 380 * rows as u32 + 40);
     // The encoder picks the format by extension, so the file beside keeps `.png`.
     let tmp = path.with_extension("tmp.png");
     {
@@ -75,13 +87,14 @@ pub fn draw_figure(path: &Path, results: &AblationResults) -> anyhow::Result<()>
         root.fill(&WHITE)?;
         let (title, body) = root.split_vertically(40);
         title.draw(&Text::new(
-            "Default-prompt score by tokens trained (dashed: task prompt)",
+            "Held-out scores under the default prompt by tokens trained (thin dashed: the \
+             task's own prompt); mean over seeds",
             (12, 10),
             ("sans-serif", 22).into_font(),
         ))?;
         let panels = body.split_evenly((rows, cols));
-        for (task, panel) in tasks.iter().zip(panels.iter()) {
-            let metric = metric_for(results, task);
+        for ((task, metric), panel) in panels_wanted.iter().zip(panels.iter()) {
+            let (task, metric) = (task.as_str(), *metric);
             let default = results.curves(task, PromptKind::Default, metric);
             let own = results.curves(task, PromptKind::Task, metric);
             let all = default.iter().chain(&own).flat_map(|(_, p)| p.iter());
@@ -144,7 +157,10 @@ pub fn draw_figure(path: &Path, results: &AblationResults) -> anyhow::Result<()>
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.3))
                 .label_font(("sans-serif", 14))
-                .position(SeriesLabelPosition::LowerRight)
+                .position(match metric {
+                    Metric::Loss => SeriesLabelPosition::UpperRight,
+                    _ => SeriesLabelPosition::LowerRight,
+                })
                 .draw()?;
         }
         root.present()?;

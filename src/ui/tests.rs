@@ -295,3 +295,79 @@ fn editing_the_eval_share_redraws_the_split_the_preview_and_the_table_use() {
     let fresh = crate::core::dataset::load_task(&project, 0, &project.tasks[0], &mut |_| {});
     assert_eq!(fresh.is_eval, data.is_eval);
 }
+
+#[test]
+fn a_past_ablation_shows_its_curves_and_results_in_the_experiments_tab() {
+    use crate::core::ablation::{AblationPlan, RunKey, Variant};
+    use crate::core::events::{EvalMetrics, PromptKind, StepMetrics};
+    use crate::core::settings::AttentionLayout;
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let project = Project::load(&path).unwrap();
+    let folder = crate::ui::experiments_tab::ablations_dir(&project).join("20260101-000000");
+    let plan = AblationPlan {
+        variants: vec![Variant::Concat, Variant::Moi],
+        attentions: vec![AttentionLayout::Chunk],
+        tokens: 2000,
+        seeds: vec![1],
+        evals: 1,
+        model: "tiny".into(),
+    };
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("ablation.json"),
+        serde_json::to_string(&plan).unwrap(),
+    )
+    .unwrap();
+    for (key, em) in plan.runs().into_iter().zip([0.25, 0.75]) {
+        let run = folder.join("runs").join(RunKey::dir_name(&key));
+        std::fs::create_dir_all(&run).unwrap();
+        let mut events = vec![TrainEvent::Step(StepMetrics {
+            step: 1,
+            epoch: 0.1,
+            loss: 1.0,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_sec: 1.0,
+            elapsed_s: 1.0,
+            tokens_seen: 2000,
+            steps: 1,
+            task_loss: Vec::new(),
+        })];
+        for prompt in [PromptKind::Default, PromptKind::Task] {
+            events.push(TrainEvent::Eval(EvalMetrics {
+                step: 1,
+                task: "math".into(),
+                prompt,
+                loss: 1.0,
+                perplexity: 1.0f64.exp(),
+                accuracy: 0.5,
+                exact_match: Some(if prompt == PromptKind::Task { 1.0 } else { em }),
+                items: 4,
+                generated: 4,
+                tokens: 10,
+                sample: None,
+            }));
+        }
+        events.push(TrainEvent::Finished { step: 1 });
+        let text: String = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(run.join("metrics.jsonl"), text).unwrap();
+    }
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    h.state_mut().set_tab(Tab::Experiments);
+    h.run_steps(2);
+    h.get_by_label("Show").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the ablation", |a| {
+        a.experiments.plan.is_some()
+    });
+    assert!(h.state().experiments.complete);
+    // One row per variant and prompt kind, the gap beside the default-prompt rows.
+    assert_eq!(h.query_all_by_label("moi · chunk").count(), 2);
+    assert!(h.query_by_label("+75.0").is_some(), "concat's gap");
+    assert!(h.query_by_label("+25.0").is_some(), "moi's gap");
+    assert!(h.query_by_label("Run ablation").is_some());
+}
