@@ -53,6 +53,8 @@ pub struct ExperimentsState {
     pub complete: bool,
     /// The task whose curves are shown.
     pub task: usize,
+    /// Show eval loss rather than exact match.
+    pub show_loss: bool,
     /// Messages from the worker.
     rx: Option<Receiver<AblationMsg>>,
     /// Set to stop the running ablation (after a checkpoint).
@@ -80,6 +82,7 @@ impl Default for ExperimentsState {
             current: None,
             complete: false,
             task: 0,
+            show_loss: false,
             rx: None,
             stop: None,
             past: Vec::new(),
@@ -428,7 +431,19 @@ impl StudioApp {
             }
         });
         let task = e.results.tasks[e.task].clone();
-        let metric = crate::core::figure::metric_for(&e.results, &task);
+        let has_em = crate::core::figure::metric_for(&e.results, &task) == Metric::ExactMatch;
+        ui.horizontal(|ui| {
+            ui.label("Metric");
+            ui.add_enabled_ui(has_em, |ui| {
+                ui.selectable_value(&mut e.show_loss, false, "exact match")
+            });
+            ui.selectable_value(&mut e.show_loss, true, "eval loss");
+        });
+        let metric = if e.show_loss || !has_em {
+            Metric::Loss
+        } else {
+            Metric::ExactMatch
+        };
         let default = e.results.curves(&task, PromptKind::Default, metric);
         let own = e.results.curves(&task, PromptKind::Task, metric);
         let mut plot = Plot::new("ablation")
