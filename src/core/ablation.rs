@@ -489,12 +489,7 @@ impl AblationResults {
                 points.push((x, values.iter().sum::<f64>() / values.len() as f64));
             }
             if !points.is_empty() {
-                let key = RunKey {
-                    variant,
-                    attention,
-                    seed: 0,
-                };
-                out.push((key.label(), points));
+                out.push((group_label(variant, attention), points));
             }
         }
         out
@@ -527,6 +522,19 @@ impl AblationResults {
         out
     }
 
+    /// A markdown table's title and header: variant, one column per task, then `last`.
+    fn table_head(&self, out: &mut String, title: &str, last: &str) {
+        let _ = write!(out, "{title}\n\n| variant |");
+        for t in &self.tasks {
+            let _ = write!(out, " {t} |");
+        }
+        let _ = write!(out, " {last} |\n|---|");
+        for _ in &self.tasks {
+            out.push_str("---|");
+        }
+        out.push_str("---|\n");
+    }
+
     /// `results.md`: per task, the default-prompt score, the task-prompt score and the gap, for
     /// every variant; then the eval losses.
     pub fn markdown(&self, plan: &AblationPlan) -> String {
@@ -553,23 +561,14 @@ impl AblationResults {
                 None => r.accuracy.show(100.0, 1),
             })
         };
-        out.push_str("## Default-prompt score (task-prompt score; gap)\n\n| variant |");
-        for t in &self.tasks {
-            let _ = write!(out, " {t} |");
-        }
-        out.push_str(" mean default |\n|---|");
-        for _ in &self.tasks {
-            out.push_str("---|");
-        }
-        out.push_str("---|\n");
+        self.table_head(
+            &mut out,
+            "## Default-prompt score (task-prompt score; gap)",
+            "mean default",
+        );
         for ((variant, attention), _) in self.groups() {
             let a = attention_name(attention);
-            let key = RunKey {
-                variant,
-                attention,
-                seed: 0,
-            };
-            let _ = write!(out, "| {} |", key.label());
+            let _ = write!(out, "| {} |", group_label(variant, attention));
             let mut defaults = Vec::new();
             for t in &self.tasks {
                 let d = find(variant, a, t, "default");
@@ -590,26 +589,14 @@ impl AblationResults {
                 .map_or("–".to_string(), |s| format!("{:.1}", s.mean * 100.0));
             let _ = writeln!(out, " {mean} |");
         }
-        out.push_str(
-            "\n## Eval loss under the default prompt (task prompt; loss gap = default − task)\n\n\
-             | variant |",
+        self.table_head(
+            &mut out,
+            "\n## Eval loss under the default prompt (task prompt; loss gap = default − task)",
+            "mean loss gap",
         );
-        for t in &self.tasks {
-            let _ = write!(out, " {t} |");
-        }
-        out.push_str(" mean loss gap |\n|---|");
-        for _ in &self.tasks {
-            out.push_str("---|");
-        }
-        out.push_str("---|\n");
         for ((variant, attention), _) in self.groups() {
             let a = attention_name(attention);
-            let key = RunKey {
-                variant,
-                attention,
-                seed: 0,
-            };
-            let _ = write!(out, "| {} |", key.label());
+            let _ = write!(out, "| {} |", group_label(variant, attention));
             let mut gaps = Vec::new();
             for t in &self.tasks {
                 let cell =
@@ -626,6 +613,16 @@ impl AblationResults {
         }
         out
     }
+}
+
+/// What a variant and attention pair is called in reports.
+fn group_label(variant: Variant, attention: AttentionLayout) -> String {
+    RunKey {
+        variant,
+        attention,
+        seed: 0,
+    }
+    .label()
 }
 
 /// What a curve plots.

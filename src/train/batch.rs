@@ -277,6 +277,19 @@ mod tests {
         assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 
+    /// A one-layer model small enough for exact comparisons.
+    fn small_config() -> crate::train::config::ModelConfig {
+        crate::train::config::ModelConfig {
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(1),
+            max_position_embeddings: 32,
+            ..crate::train::config::ModelConfig::tiny(32)
+        }
+    }
+
     #[test]
     fn padding_adds_nothing_to_the_batch() {
         let dev = Device::Cpu;
@@ -288,18 +301,9 @@ mod tests {
 
     #[test]
     fn per_task_losses_weighted_by_tokens_average_to_the_step_loss() {
-        use crate::train::config::ModelConfig;
         use crate::train::model::new_trainable;
         let dev = Device::Cpu;
-        let config = ModelConfig {
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: Some(1),
-            max_position_embeddings: 32,
-            ..ModelConfig::tiny(32)
-        };
+        let config = small_config();
         let (model, _) = new_trainable(&config, 5, &dev).unwrap();
         // The second instruction of each row belongs to task 1; one row is task 0 alone.
         let mut mixed = row();
@@ -338,18 +342,9 @@ mod tests {
 
     #[test]
     fn accumulated_micro_batches_give_the_loss_and_gradients_of_one_batch() {
-        use crate::train::config::ModelConfig;
         use crate::train::model::{named_vars, new_trainable};
         let dev = Device::Cpu;
-        let config = ModelConfig {
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: Some(1),
-            max_position_embeddings: 32,
-            ..ModelConfig::tiny(32)
-        };
+        let config = small_config();
         let (model, weights) = new_trainable(&config, 3, &dev).unwrap();
         let vars = named_vars(&weights);
         // Rows of very different sizes: 10 trained tokens against 3.
