@@ -431,17 +431,9 @@ impl AblationResults {
     /// The system-prompt gap of a group and task: task-prompt score minus default-prompt score
     /// per seed (exact match where the task has a check, else token accuracy), over seeds.
     pub fn gap(&self, variant: Variant, attention: AttentionLayout, task: &str) -> Option<Spread> {
-        let gaps: Vec<f64> = self
-            .runs
-            .iter()
-            .filter(|(k, r)| k.variant == variant && k.attention == attention && r.finished)
-            .filter_map(|(_, r)| {
-                let own = r.curve(task, PromptKind::Task).last().copied()?;
-                let default = r.curve(task, PromptKind::Default).last().copied()?;
-                Some(score(&own.metrics) - score(&default.metrics))
-            })
-            .collect();
-        Spread::of(&gaps)
+        self.per_seed_gap(variant, attention, task, |own, default| {
+            score(own) - score(default)
+        })
     }
 
     /// The loss gap of a group and task: default-prompt eval loss minus task-prompt eval loss
@@ -452,6 +444,20 @@ impl AblationResults {
         attention: AttentionLayout,
         task: &str,
     ) -> Option<Spread> {
+        self.per_seed_gap(variant, attention, task, |own, default| {
+            default.loss - own.loss
+        })
+    }
+
+    /// `difference(task-prompt final eval, default-prompt final eval)` for every finished seed
+    /// of a group, over seeds.
+    fn per_seed_gap(
+        &self,
+        variant: Variant,
+        attention: AttentionLayout,
+        task: &str,
+        difference: impl Fn(&EvalMetrics, &EvalMetrics) -> f64,
+    ) -> Option<Spread> {
         let gaps: Vec<f64> = self
             .runs
             .iter()
@@ -459,7 +465,7 @@ impl AblationResults {
             .filter_map(|(_, r)| {
                 let own = r.curve(task, PromptKind::Task).last().copied()?;
                 let default = r.curve(task, PromptKind::Default).last().copied()?;
-                Some(default.metrics.loss - own.metrics.loss)
+                Some(difference(&own.metrics, &default.metrics))
             })
             .collect();
         Spread::of(&gaps)
@@ -669,15 +675,10 @@ mod tests {
     fn step(n: u64, tokens: u64) -> TrainEvent {
         TrainEvent::Step(StepMetrics {
             step: n,
-            epoch: 0.0,
             loss: 1.0,
-            lr: 1e-3,
-            grad_norm: 1.0,
-            tokens_per_sec: 1.0,
-            elapsed_s: 1.0,
             tokens_seen: tokens,
             steps: 1,
-            task_loss: Vec::new(),
+            ..StepMetrics::default()
         })
     }
 

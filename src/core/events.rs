@@ -49,7 +49,7 @@ pub struct TaskLoss {
 }
 
 /// One optimizer step's numbers (or several merged, see `steps`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     /// The (last) step number, from 1.
     pub step: u64,

@@ -186,15 +186,9 @@ mod tests {
                 r.absorb(
                     &TrainEvent::Step(StepMetrics {
                         step,
-                        epoch: 0.0,
-                        loss: 1.0,
-                        lr: 1e-3,
-                        grad_norm: 1.0,
-                        tokens_per_sec: 1.0,
-                        elapsed_s: 1.0,
                         tokens_seen: step * 1000,
                         steps: 1,
-                        task_loss: Vec::new(),
+                        ..StepMetrics::default()
                     }),
                     &mut at,
                 );

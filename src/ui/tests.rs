@@ -324,15 +324,9 @@ fn a_past_ablation_shows_its_curves_and_results_in_the_experiments_tab() {
         std::fs::create_dir_all(&run).unwrap();
         let mut events = vec![TrainEvent::Step(StepMetrics {
             step: 1,
-            epoch: 0.1,
-            loss: 1.0,
-            lr: 1e-3,
-            grad_norm: 1.0,
-            tokens_per_sec: 1.0,
-            elapsed_s: 1.0,
             tokens_seen: 2000,
             steps: 1,
-            task_loss: Vec::new(),
+            ..StepMetrics::default()
         })];
         for prompt in [PromptKind::Default, PromptKind::Task] {
             events.push(TrainEvent::Eval(EvalMetrics {
