@@ -13,15 +13,7 @@ use moi_studio::core::import::{ImportOptions, import_file};
 
 /// Peak resident set size of this process in MiB (Linux), or 0 where unknown.
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    moi_studio::train::memory::resident_bytes().1 as f64 / 1048576.0
 }
 
 /// Writes records of varied length until the file reaches `size` bytes; as a JSON array when

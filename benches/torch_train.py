@@ -7,15 +7,17 @@ ids packed into ~`segment`-token segments with a block-diagonal causal additive 
 [b,1,t,t], position ids 0..t-1, labels = inputs. It is the comparison point for
 `cargo bench --bench train`.
 
-Run (from the repository root):
-    /tmp/tv/bin/python benches/torch_train.py            # 2 warmup + 10 timed steps
-    /tmp/tv/bin/python benches/torch_train.py --threads 2 --attn sdpa --json
-Needs torch and transformers (python3 -m venv /tmp/tv &&
-/tmp/tv/bin/pip install torch transformers safetensors numpy).
+`cargo bench --bench train` runs it beside ours. By hand (from the repository root):
+    ~/.cache/moi-bench-venv/bin/python benches/torch_train.py            # 2 warmup + 10 steps
+    ~/.cache/moi-bench-venv/bin/python benches/torch_train.py --attn sdpa --json
+    ~/.cache/moi-bench-venv/bin/python benches/torch_train.py --gguf GGUF --rows 1  # SmolLM2 LoRA
+Needs torch, transformers, peft and gguf (python3 -m venv ~/.cache/moi-bench-venv &&
+~/.cache/moi-bench-venv/bin/pip install torch transformers peft gguf).
 """
 import argparse
 import json
 import os
+import resource
 import time
 
 import torch
@@ -46,18 +48,32 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--gguf", help="train this GGUF model (SmolLM2) with LoRA r 8 on q,k,v,o via "
+                   "PEFT instead of the tiny model")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "presets", "tiny_model.json")) as f:
-        cfg = json.load(f)
-    cfg.pop("model_type", None)
-    cfg["vocab_size"] = a.vocab
-    config = LlamaConfig(**cfg, attn_implementation=a.attn)
-    model = LlamaForCausalLM(config).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    if a.gguf:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+        folder, name = os.path.split(os.path.abspath(a.gguf))
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, torch_dtype=torch.float32, attn_implementation=a.attn)
+        a.vocab = model.config.vocab_size
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model = get_peft_model(model, lora).train()
+    else:
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "..", "presets", "tiny_model.json")) as f:
+            cfg = json.load(f)
+        cfg.pop("model_type", None)
+        cfg["vocab_size"] = a.vocab
+        config = LlamaConfig(**cfg, attn_implementation=a.attn)
+        model = LlamaForCausalLM(config).float().train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
     ids = torch.randint(0, a.vocab, (a.rows, a.seq))
     mask = block_causal_mask(a.rows, a.seq, a.segment)
@@ -69,7 +85,7 @@ def main():
         if not torch.isfinite(loss):
             raise SystemExit(f"non-finite loss: {loss.item()}")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -79,12 +95,15 @@ def main():
         loss = step()
         print(f"warmup {i + 1}/{a.warmup}: loss {loss:.4f}, {time.perf_counter() - t0:.3f} s")
     total = 0.0
+    losses = []
     for i in range(a.steps):
         t0 = time.perf_counter()
         loss = step()
         dt = time.perf_counter() - t0
         total += dt
+        losses.append(loss)
         print(f"step {i + 1}/{a.steps}: loss {loss:.4f}, {dt:.3f} s")
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
     tokens = a.rows * a.seq * a.steps
     tps = tokens / total if total > 0 else float("nan")
@@ -94,7 +113,9 @@ def main():
             "torch": torch.__version__, "transformers": transformers.__version__,
             "steps": a.steps, "rows": a.rows, "seq": a.seq, "segment": a.segment,
             "vocab": a.vocab, "tokens_per_s": tps, "s_per_step": sps,
-            "threads": a.threads, "attn": a.attn,
+            "threads": a.threads, "attn": a.attn, "peak_rss_mib": peak_rss_mib,
+            "first_loss": losses[0] if losses else float("nan"),
+            "last_loss": losses[-1] if losses else float("nan"),
         }))
     else:
         print(f"torch {torch.__version__} transformers {transformers.__version__}: "

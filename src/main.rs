@@ -5,6 +5,7 @@ use moi_studio::cli::{Cli, command_summary, run};
 use moi_studio::ui::{no_display_reason, run_studio};
 
 fn main() -> ExitCode {
+    moi_studio::train::memory::tune_allocator();
     let cli = Cli::parse();
     let code = match cli.command {
         Some(command) => match run(command) {

@@ -129,13 +129,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
                     parameters,
                     trainable,
                     total_steps,
+                    kernels,
                 } => {
                     bar.set_length(*total_steps);
                     bar.set_prefix(device.clone());
                     say(
                         bar,
                         format!(
-                            "{parameters} parameters ({trainable} trained) on {device} ({device_reason})"
+                            "{parameters} parameters ({trainable} trained) on {device} \
+                             ({device_reason}); {kernels}"
                         ),
                     );
                 }

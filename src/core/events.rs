@@ -169,6 +169,9 @@ pub enum TrainEvent {
         trainable: u64,
         /// Steps planned.
         total_steps: u64,
+        /// Which kernels run (fused or composite, and why).
+        #[serde(default)]
+        kernels: String,
     },
     /// A step (or merged steps) finished.
     Step(StepMetrics),

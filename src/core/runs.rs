@@ -225,6 +225,7 @@ mod tests {
                 parameters: 10,
                 trainable: 10,
                 total_steps: 10,
+                kernels: "fused CPU kernels".into(),
             },
             step(1, 3.0),
             step(2, 2.5),

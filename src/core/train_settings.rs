@@ -52,6 +52,18 @@ pub enum LossNorm {
     SampleMean,
 }
 
+/// Which implementation of attention, norms, activations and the loss a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernels {
+    /// Fused CPU kernels with their own backward passes (f32 on the CPU; elsewhere the
+    /// composite forms run and the run's start says so).
+    #[default]
+    Fused,
+    /// Candle's element-wise ops composed: slower, kept to compare against and to fall back on.
+    Composite,
+}
+
 /// Training settings, the project's `[training]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -100,6 +112,8 @@ pub struct TrainSettings {
     /// The built-in tiny model's size, where a project wants another than
     /// `presets/tiny_model.json`'s.
     pub tiny: TinySize,
+    /// Fused kernels or the composite ops.
+    pub kernels: Kernels,
 }
 
 /// Overrides of the built-in tiny model's size (`[training.tiny]`); absent fields keep the
@@ -223,6 +237,7 @@ impl Default for TrainSettings {
             early_stopping_patience: 0,
             lora: LoraSettings::default(),
             tiny: TinySize::default(),
+            kernels: Kernels::Fused,
         }
     }
 }

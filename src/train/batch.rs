@@ -6,7 +6,10 @@ use candle_core::{D, Device, Result, Tensor};
 
 use crate::core::packing::{PackedRow, SegmentKind};
 pub use crate::core::train_settings::LossNorm;
-use crate::train::model::{Decoder, PAD_SEGMENT, attention_mask};
+use std::sync::Arc;
+
+use crate::train::kernels;
+use crate::train::model::{Decoder, Mask, PAD_SEGMENT, attention_mask};
 
 /// Tensors for one step.
 #[derive(Debug, Clone)]
@@ -15,10 +18,12 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// Position ids `[b, t]`.
     pub positions: Tensor,
-    /// Additive attention mask `[b, 1, t, t]`.
-    pub mask: Tensor,
+    /// The attention mask (segment ids).
+    pub mask: Mask,
     /// Next-token targets `[b·(t−1)]` (any id where not trained).
     pub targets: Tensor,
+    /// The same targets, for the fused loss.
+    pub target_ids: Arc<Vec<u32>>,
     /// Loss weight of each target `[b·(t−1)]`, zero where not trained; sums to one.
     pub weights: Tensor,
     /// Real (non-padding) tokens in the batch.
@@ -140,7 +145,8 @@ pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> 
         input_ids: Tensor::from_vec(ids, (b, t), device)?,
         positions: Tensor::from_vec(pos, (b, t), device)?,
         mask: attention_mask(&segs, t, device)?,
-        targets: Tensor::from_vec(targets, b * (t - 1), device)?,
+        targets: Tensor::from_vec(targets.clone(), b * (t - 1), device)?,
+        target_ids: Arc::new(targets),
         weights: Tensor::from_vec(weights, b * (t - 1), device)?,
         tokens,
         trained,
@@ -157,6 +163,11 @@ pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
 /// per-task losses are read.
 pub fn batch_loss_parts(model: &Decoder, batch: &Batch) -> Result<(Tensor, Tensor)> {
     let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;
+    if model.fused() {
+        let picked = kernels::next_token_log_probs(&logits, batch.target_ids.clone())?;
+        let loss = (&picked * &batch.weights)?.sum_all()?.neg()?;
+        return Ok((loss, picked.detach()));
+    }
     let (b, t, v) = logits.dims3()?;
     let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -297,6 +308,38 @@ mod tests {
         assert_eq!(b.input_ids.dims(), &[2, 10]);
         assert_eq!(b.tokens, 14);
         assert_eq!(b.trained, 8);
+    }
+
+    #[test]
+    fn the_fused_loss_equals_log_softmax_and_gather() {
+        use crate::core::train_settings::Kernels;
+        use crate::train::model::new_trainable;
+        let dev = Device::Cpu;
+        let (mut model, _) = new_trainable(&small_config(), 5, &dev).unwrap();
+        let b = make_batch(&[row(), short_row()], LossNorm::SampleMean, &dev).unwrap();
+        let (fused, fused_lp) = batch_loss_parts(&model, &b).unwrap();
+        model.set_kernels(Kernels::Composite);
+        let (comp, comp_lp) = batch_loss_parts(&model, &b).unwrap();
+        let (fused, comp) = (
+            fused.to_scalar::<f32>().unwrap(),
+            comp.to_scalar::<f32>().unwrap(),
+        );
+        assert!((fused - comp).abs() < 1e-5, "{fused} vs {comp}");
+        let (a, c) = (
+            fused_lp.to_vec1::<f32>().unwrap(),
+            comp_lp.to_vec1::<f32>().unwrap(),
+        );
+        for (w, (x, y)) in b
+            .weights
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(a.iter().zip(&c))
+        {
+            if *w > 0.0 {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
     }
 
     #[test]

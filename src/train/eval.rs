@@ -49,6 +49,9 @@ pub struct EvalSet {
     pub stop: Vec<u32>,
     /// How many items per task are answered by generation.
     pub generate: usize,
+    /// Tokens (rows × padded length) one scoring forward pass may take: the trainer sets it to
+    /// a training micro-batch's, so evaluation stays inside the memory the run was planned for.
+    pub batch_tokens: usize,
     tokenizer: Tokenizer,
 }
 
@@ -119,6 +122,7 @@ impl EvalSet {
             tasks,
             stop,
             generate,
+            batch_tokens: max_len.max(2),
             tokenizer: tokenizer.clone(),
         }
     }
@@ -163,10 +167,14 @@ fn eval_item(
 }
 
 /// Summed loss, tokens and correct tokens of `items`, a few at a time.
-fn score_items(model: &Decoder, items: &[EvalItem]) -> candle_core::Result<(f64, u64, u64)> {
+fn score_items(
+    model: &Decoder,
+    items: &[EvalItem],
+    budget: usize,
+) -> candle_core::Result<(f64, u64, u64)> {
     let device = model.device().clone();
     let (mut loss, mut tokens, mut correct) = (0f64, 0u64, 0u64);
-    for chunk in items.chunks(8) {
+    for chunk in token_batches(items, budget) {
         let t = chunk
             .iter()
             .map(|i| i.tokens.input_ids.len())
@@ -197,16 +205,23 @@ fn score_items(model: &Decoder, items: &[EvalItem]) -> candle_core::Result<(f64,
         let input = Tensor::from_vec(ids, (b, t), &device)?;
         let positions = Tensor::from_vec(pos, (b, t), &device)?;
         let mask = attention_mask(&segs, t, &device)?;
-        let logits = model.forward(&input, &positions, &mask)?;
+        let logits = model.forward(&input, &positions, &mask)?.detach();
         let v = logits.dim(D::Minus1)?;
-        let logits = logits
-            .narrow(1, 0, t - 1)?
-            .reshape((b * (t - 1), v))?
-            .to_dtype(DType::F32)?;
+        let target_ids = std::sync::Arc::new(targets.clone());
         let targets = Tensor::from_vec(targets, b * (t - 1), &device)?;
         let weights = Tensor::from_vec(weights, b * (t - 1), &device)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let picked = if model.fused() {
+            crate::train::kernels::next_token_log_probs(&logits, target_ids)?
+        } else {
+            let flat = logits
+                .narrow(1, 0, t - 1)?
+                .reshape((b * (t - 1), v))?
+                .to_dtype(DType::F32)?;
+            candle_nn::ops::log_softmax(&flat, D::Minus1)?
+                .gather(&targets.unsqueeze(1)?, 1)?
+                .squeeze(1)?
+        };
+        let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
         loss -= f64::from((picked * &weights)?.sum_all()?.to_scalar::<f32>()?);
         let hits = logits
             .argmax(D::Minus1)?
@@ -216,6 +231,28 @@ fn score_items(model: &Decoder, items: &[EvalItem]) -> candle_core::Result<(f64,
         tokens += weights.sum_all()?.to_scalar::<f32>()? as u64;
     }
     Ok((loss, tokens, correct))
+}
+
+/// Consecutive runs of `items` whose rows, padded to the longest, hold at most `budget` tokens
+/// (one item at least).
+fn token_batches(items: &[EvalItem], budget: usize) -> Vec<&[EvalItem]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start + 1;
+        let mut longest = items[start].tokens.input_ids.len();
+        while end < items.len() {
+            let l = longest.max(items[end].tokens.input_ids.len());
+            if l * (end + 1 - start) > budget {
+                break;
+            }
+            longest = l;
+            end += 1;
+        }
+        out.push(&items[start..end]);
+        start = end;
+    }
+    out
 }
 
 /// Greedy answers to the first `n` items; the share that pass `check`.
@@ -266,7 +303,7 @@ pub fn evaluate(
             if items.is_empty() {
                 continue;
             }
-            let (loss_sum, tokens, correct) = score_items(model, items)?;
+            let (loss_sum, tokens, correct) = score_items(model, items, set.batch_tokens)?;
             let loss = loss_sum / tokens.max(1) as f64;
             let em = exact_match(model, set, items, task.check, task.max_new_tokens)?;
             out.push(EvalMetrics {
@@ -347,10 +384,10 @@ mod tests {
             .zip(1..)
             .map(|(&n, s)| item(n, s))
             .collect();
-        let (loss, tokens, correct) = score_items(&model, &items).unwrap();
+        let (loss, tokens, correct) = score_items(&model, &items, 4096).unwrap();
         let (mut l1, mut t1, mut c1) = (0.0, 0, 0);
         for it in &items {
-            let (l, t, c) = score_items(&model, std::slice::from_ref(it)).unwrap();
+            let (l, t, c) = score_items(&model, std::slice::from_ref(it), 4096).unwrap();
             l1 += l;
             t1 += t;
             c1 += c;

@@ -3,6 +3,11 @@
 //! broadcast multiplies, attention as matmul + additive mask + `candle_nn::ops::softmax`.
 //! (candle's fused `rms_norm`, `rope*` and `softmax_last_dim` have no backward and would train
 //! nothing.)
+//!
+//! By default the forward pass on the CPU in f32 runs the fused kernels of
+//! [`crate::train::kernels`] instead (same results, gradients included); the composite form stays
+//! behind [`Kernels::Composite`], runs on other devices and dtypes, and serves generation with a
+//! KV cache.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, Var};
 use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
@@ -13,8 +18,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::core::train_settings::{LoraSettings, LoraTarget};
+use crate::core::train_settings::{Kernels, LoraSettings, LoraTarget};
 use crate::train::config::ModelConfig;
+use crate::train::kernels::{self, RopeTables};
 
 /// Segment id of padding: never attended to.
 pub const PAD_SEGMENT: u32 = u32::MAX;
@@ -34,7 +40,10 @@ impl RmsNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused {
+            return kernels::rms_norm(x, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let norm = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
@@ -49,6 +58,8 @@ impl RmsNorm {
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables for the fused kernel (f32 on the CPU only).
+    tables: Option<Arc<RopeTables>>,
 }
 
 impl Rotary {
@@ -68,9 +79,16 @@ impl Rotary {
             .reshape((positions, 1))?;
         let freqs = t.broadcast_mul(&inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        let (cos, sin) = (emb.cos()?, emb.sin()?);
+        let tables = if device.is_cpu() && dtype == DType::F32 {
+            Some(Arc::new(RopeTables::new(&cos, &sin)?))
+        } else {
+            None
+        };
         Ok(Self {
-            cos: emb.cos()?.to_dtype(dtype)?,
-            sin: emb.sin()?.to_dtype(dtype)?,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+            tables,
         })
     }
 
@@ -119,14 +137,21 @@ pub struct DropoutRng {
 }
 
 impl DropoutRng {
-    /// A keep-mask scaled by 1 / (1 − p), shaped like `x`.
-    fn mask(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+    /// Which of `n` elements the next call keeps (drawn with probability 1 − p each).
+    fn keep(&self, n: usize, p: f32) -> Vec<bool> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let seed = self.seed.load(Ordering::Relaxed) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let keep = 1.0 / (1.0 - p);
-        let values: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        (0..n).map(|_| rng.random::<f32>() >= p).collect()
+    }
+
+    /// A keep-mask scaled by 1 / (1 − p), shaped like `x`.
+    fn mask(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let scale = 1.0 / (1.0 - p);
+        let values: Vec<f32> = self
+            .keep(x.elem_count(), p)
+            .into_iter()
+            .map(|k| if k { scale } else { 0.0 })
             .collect();
         Tensor::from_vec(values, x.dims(), x.device())?.to_dtype(x.dtype())
     }
@@ -152,7 +177,10 @@ struct Proj {
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+        if fused {
+            return self.forward_flat(x, train);
+        }
         let y = self.base.forward(x)?;
         let Some(l) = &self.lora else {
             return Ok(y);
@@ -164,6 +192,51 @@ impl Proj {
         };
         let update = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
         y + (update * l.scale)?
+    }
+
+    /// The fused path: one 2-D matmul over every token (no weight broadcast over the batch and
+    /// no batched weight gradient to sum), and a frozen weight's gradient never computed.
+    fn forward_flat(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().unwrap_or(&0);
+        let x2 = x.reshape(((), inp))?;
+        let w = self.base.weight();
+        let mut out = dims;
+        if let (Some(l), false) = (&self.lora, w.is_variable()) {
+            // A frozen base with its adapter: one op, no weight gradient, no intermediates.
+            let dropout = (train && l.dropout > 0.0)
+                .then(|| (l.rng.keep(x2.elem_count(), l.dropout), l.dropout));
+            let mut y = kernels::lora_linear(&x2, w, (&l.a, &l.b, l.scale), dropout)?;
+            if let Some(bias) = self.base.bias() {
+                y = y.broadcast_add(bias)?;
+            }
+            if let Some(last) = out.last_mut() {
+                *last = y.dim(1)?;
+            }
+            return y.reshape(out);
+        }
+        let mut y = if w.is_variable() {
+            x2.matmul(&w.t()?)?
+        } else {
+            kernels::frozen_linear(&x2, w)?
+        };
+        if let Some(bias) = self.base.bias() {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = if train && l.dropout > 0.0 {
+                let keep = l.rng.keep(x2.elem_count(), l.dropout);
+                kernels::dropout(&x2, keep, l.dropout)?
+            } else {
+                x2
+            };
+            let update = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + (update * l.scale)?)?;
+        }
+        if let Some(last) = out.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(out)
     }
 }
 
@@ -240,21 +313,46 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
+        pass: &Pass,
         rotary: &Rotary,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let train = pass.train;
+        if let Some(f) = &pass.fused {
+            // Tokens stay in `[b, t, heads, d]` order throughout: no transposes to copy.
+            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head));
+            let q = heads(self.q.forward(x, train, true)?, self.heads)?;
+            let k = heads(self.k.forward(x, train, true)?, self.kv_heads)?;
+            let v = heads(self.v.forward(x, train, true)?, self.kv_heads)?;
+            let q = kernels::rope(&q, f.positions.clone(), f.tables.clone())?;
+            let k = kernels::rope(&k, f.positions.clone(), f.tables.clone())?;
+            let out = kernels::attention(&q, &k, &v, f.segments.clone())?.reshape((
+                b,
+                t,
+                self.heads * self.head,
+            ))?;
+            return self.o.forward(&out, train, true);
+        }
+        let mask = pass
+            .additive
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("composite attention without a mask".into()))?;
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, self.head))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rotary.apply(&split(self.q.forward(x, train)?, self.heads)?, positions)?;
-        let mut k = rotary.apply(&split(self.k.forward(x, train)?, self.kv_heads)?, positions)?;
-        let mut v = split(self.v.forward(x, train)?, self.kv_heads)?;
+        let positions = &pass.positions;
+        let q = rotary.apply(
+            &split(self.q.forward(x, train, false)?, self.heads)?,
+            positions,
+        )?;
+        let mut k = rotary.apply(
+            &split(self.k.forward(x, train, false)?, self.kv_heads)?,
+            positions,
+        )?;
+        let mut v = split(self.v.forward(x, train, false)?, self.kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -282,7 +380,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head))?;
-        self.o.forward(&out, train)
+        self.o.forward(&out, train, false)
     }
 }
 
@@ -317,10 +415,15 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.gate.forward(x, train)?.silu()?;
-        self.down
-            .forward(&(gate * self.up.forward(x, train)?)?, train)
+    fn forward(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+        let gate = self.gate.forward(x, train, fused)?;
+        let up = self.up.forward(x, train, fused)?;
+        let h = if fused {
+            kernels::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        self.down.forward(&h, train, fused)
     }
 }
 
@@ -344,6 +447,72 @@ pub struct Decoder {
     pub config: ModelConfig,
     device: Device,
     dropout: Arc<DropoutRng>,
+    kernels: Kernels,
+}
+
+/// The attention pattern of a batch: segment ids per token (see [`attention_mask`]), or an
+/// explicit additive mask.
+#[derive(Debug, Clone)]
+pub enum Mask {
+    /// Segment ids `b × t` in row order: a token attends to earlier tokens of its own segment
+    /// and of segment 0; [`PAD_SEGMENT`] marks padding.
+    Segments {
+        /// The ids.
+        ids: Arc<Vec<u32>>,
+        /// Rows.
+        rows: usize,
+        /// Tokens per row.
+        len: usize,
+    },
+    /// An additive mask `[b, 1, t_query, t_key]` (0 or −∞).
+    Additive(Tensor),
+}
+
+impl Mask {
+    /// The additive `[b, 1, t, t]` form.
+    pub fn additive(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Mask::Additive(m) => Ok(m.clone()),
+            Mask::Segments { ids, rows, len } => {
+                let (b, t) = (*rows, *len);
+                let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+                for r in 0..b {
+                    let seg = &ids[r * t..(r + 1) * t];
+                    for i in 0..t {
+                        let si = seg[i];
+                        let row = &mut mask[(r * t + i) * t..(r * t + i + 1) * t];
+                        if si == PAD_SEGMENT {
+                            row[i] = 0.0;
+                            continue;
+                        }
+                        for (j, m) in row.iter_mut().enumerate().take(i + 1) {
+                            let sj = seg[j];
+                            if sj != PAD_SEGMENT && (sj == 0 || sj == si) {
+                                *m = 0.0;
+                            }
+                        }
+                    }
+                }
+                Tensor::from_vec(mask, (b, 1, t, t), device)
+            }
+        }
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct Pass {
+    train: bool,
+    positions: Tensor,
+    /// The composite path's additive mask.
+    additive: Option<Tensor>,
+    /// The fused path's inputs.
+    fused: Option<FusedPass>,
+}
+
+struct FusedPass {
+    positions: Arc<Vec<u32>>,
+    segments: Arc<Vec<u32>>,
+    tables: Arc<RopeTables>,
 }
 
 impl Decoder {
@@ -420,6 +589,7 @@ impl Decoder {
             rotary,
             config: cfg.clone(),
             device: vb.device().clone(),
+            kernels: Kernels::default(),
         })
     }
 
@@ -428,9 +598,38 @@ impl Decoder {
         &self.device
     }
 
-    /// Logits `[b, t, vocab]` for `input_ids` `[b, t]` at `positions` `[b, t]` under an additive
-    /// attention `mask` `[b, 1, t, t]` (see [`attention_mask`]).
-    pub fn forward(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Chooses fused kernels or the composite ops (fused is the default).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// Whether forward passes without a KV cache run the fused kernels: chosen, and the model is
+    /// f32 on the CPU.
+    pub fn fused(&self) -> bool {
+        self.kernels == Kernels::Fused && self.rotary.tables.is_some()
+    }
+
+    /// Which kernels run, in words, for the run's start.
+    pub fn kernels_in_use(&self) -> String {
+        match (self.kernels, self.fused()) {
+            (Kernels::Composite, _) => "composite ops (chosen)".into(),
+            (Kernels::Fused, true) => "fused CPU kernels".into(),
+            (Kernels::Fused, false) => format!(
+                "composite ops: the fused kernels are for f32 on the CPU, this model is {:?} on \
+                 {}",
+                self.rotary.cos.dtype(),
+                if self.device.is_cpu() {
+                    "the CPU"
+                } else {
+                    "a GPU"
+                }
+            ),
+        }
+    }
+
+    /// Logits `[b, t, vocab]` for `input_ids` `[b, t]` at `positions` `[b, t]` under the attention
+    /// `mask` (see [`attention_mask`]).
+    pub fn forward(&self, input_ids: &Tensor, positions: &Tensor, mask: &Mask) -> Result<Tensor> {
         self.run(input_ids, positions, mask, None, false)
     }
 
@@ -439,19 +638,44 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
     ) -> Result<Tensor> {
         self.run(input_ids, positions, mask, None, true)
+    }
+
+    fn pass(&self, positions: &Tensor, mask: &Mask, cached: bool, train: bool) -> Result<Pass> {
+        let fused = match (mask, &self.rotary.tables) {
+            (Mask::Segments { ids, .. }, Some(tables)) if self.fused() && !cached => {
+                Some(FusedPass {
+                    positions: Arc::new(positions.flatten_all()?.to_vec1::<u32>()?),
+                    segments: ids.clone(),
+                    tables: tables.clone(),
+                })
+            }
+            _ => None,
+        };
+        let additive = match fused {
+            Some(_) => None,
+            None => Some(mask.additive(&self.device)?),
+        };
+        Ok(Pass {
+            train,
+            positions: positions.clone(),
+            additive,
+            fused,
+        })
     }
 
     fn run(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
+        let pass = self.pass(positions, mask, cache.is_some(), train)?;
+        let fused = pass.fused.is_some();
         let mut x = self.embed.forward(input_ids)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
@@ -459,18 +683,30 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.attn.forward(
-                &layer.attn_norm.forward(&x)?,
-                positions,
-                mask,
+                &layer.attn_norm.forward(&x, fused)?,
+                &pass,
                 &self.rotary,
                 slot,
-                train,
             )?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.mlp_norm.forward(&x)?, train)?;
+            let h = layer
+                .mlp
+                .forward(&layer.mlp_norm.forward(&x, fused)?, train, fused)?;
             x = (x + h)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        let x = self.norm.forward(&x, fused)?;
+        if fused {
+            let (b, t, hid) = x.dims3()?;
+            let w = self.lm_head.weight();
+            let x = x.reshape((b * t, hid))?;
+            let logits = if w.is_variable() {
+                x.matmul(&w.t()?)?
+            } else {
+                kernels::frozen_linear(&x, w)?
+            };
+            return logits.reshape((b, t, w.dim(0)?));
+        }
+        self.lm_head.forward(&x)
     }
 
     /// Logits of the next token after `new_ids` (batch of one), extending `cache`.
@@ -493,7 +729,7 @@ impl Decoder {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, n, total), &self.device)?;
+        let mask = Mask::Additive(Tensor::from_vec(mask, (1, 1, n, total), &self.device)?);
         let logits = self.run(&ids, &positions, &mask, Some(cache), false)?;
         logits.i((0, n - 1))
     }
@@ -545,30 +781,20 @@ fn pick(logits: &Tensor, temperature: f64, rng: &mut ChaCha8Rng) -> Result<u32> 
     Ok(dist.sample(rng) as u32)
 }
 
-/// The additive attention mask `[b, 1, t, t]` for rows of segment ids: token `i` may attend to
-/// token `j` when `j ≤ i` and `j`'s segment is 0 (the shared prefix) or `i`'s own. Padding
-/// ([`PAD_SEGMENT`]) is never attended to (a padding query sees only itself, to stay finite).
-pub fn attention_mask(segment_ids: &[Vec<u32>], t: usize, device: &Device) -> Result<Tensor> {
-    let b = segment_ids.len();
-    let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-    for (r, seg) in segment_ids.iter().enumerate() {
-        let seg_at = |i: usize| seg.get(i).copied().unwrap_or(PAD_SEGMENT);
-        for i in 0..t {
-            let si = seg_at(i);
-            let row = &mut mask[(r * t + i) * t..(r * t + i + 1) * t];
-            if si == PAD_SEGMENT {
-                row[i] = 0.0;
-                continue;
-            }
-            for (j, m) in row.iter_mut().enumerate().take(i + 1) {
-                let sj = seg_at(j);
-                if sj != PAD_SEGMENT && (sj == 0 || sj == si) {
-                    *m = 0.0;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(mask, (b, 1, t, t), device)
+/// The attention mask for rows of segment ids, each padded (or cut) to `t`: token `i` may
+/// attend to token `j` when `j ≤ i` and `j`'s segment is 0 (the shared prefix) or `i`'s own.
+/// Padding ([`PAD_SEGMENT`]) is never attended to (a padding query sees only itself, to stay
+/// finite). [`Mask::additive`] gives the `[b, 1, t, t]` form.
+pub fn attention_mask(segment_ids: &[Vec<u32>], t: usize, _device: &Device) -> Result<Mask> {
+    let ids = segment_ids
+        .iter()
+        .flat_map(|seg| (0..t).map(|i| seg.get(i).copied().unwrap_or(PAD_SEGMENT)))
+        .collect();
+    Ok(Mask::Segments {
+        ids: Arc::new(ids),
+        rows: segment_ids.len(),
+        len: t,
+    })
 }
 
 /// Names and shapes of every weight of a decoder with `cfg`, as in HF checkpoints.
@@ -757,7 +983,7 @@ mod tests {
         }
     }
 
-    fn batch(ids: &[Vec<u32>], segs: &[Vec<u32>]) -> (Tensor, Tensor, Tensor) {
+    fn batch(ids: &[Vec<u32>], segs: &[Vec<u32>]) -> (Tensor, Tensor, Mask) {
         let dev = Device::Cpu;
         let t = ids[0].len();
         let flat: Vec<u32> = ids.concat();
@@ -768,24 +994,58 @@ mod tests {
         (input, pos, mask)
     }
 
-    #[test]
-    fn every_parameter_gets_a_gradient() {
+    /// The loss and every parameter's gradient on a small batch, with `kernels`.
+    fn loss_and_grads(kernels: Kernels) -> (f32, Vec<(String, Tensor)>) {
         let cfg = tiny();
-        let (model, varmap) = new_trainable(&cfg, 1, &Device::Cpu).unwrap();
-        let ids = vec![vec![1, 5, 9, 3, 7, 2, 8, 4]];
-        let (input, pos, mask) = batch(&ids, &[vec![1, 1, 1, 1, 2, 2, 2, 2]]);
-        let logits = model.forward(&input, &pos, &mask).unwrap();
+        let (mut model, varmap) = new_trainable(&cfg, 1, &Device::Cpu).unwrap();
+        model.set_kernels(kernels);
+        assert_eq!(model.fused(), kernels == Kernels::Fused);
+        let ids = vec![vec![1, 5, 9, 3, 7, 2, 8, 4], vec![6, 2, 2, 9, 1, 0, 0, 0]];
+        let segs = [
+            vec![0, 1, 1, 1, 2, 2, 2, 2],
+            vec![1, 1, 1, 1, 1, PAD_SEGMENT, PAD_SEGMENT, PAD_SEGMENT],
+        ];
+        let (input, pos, mask) = batch(&ids, &segs);
+        let logits = model.forward_train(&input, &pos, &mask).unwrap();
         let targets = Tensor::new(&[5u32, 9, 3, 7, 2, 8, 4, 1], &Device::Cpu).unwrap();
-        let loss = candle_nn::loss::cross_entropy(&logits.squeeze(0).unwrap(), &targets).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits.get(0).unwrap(), &targets).unwrap();
         let grads = loss.backward().unwrap();
         let data = varmap.data().lock().unwrap();
         assert_eq!(data.len(), weight_shapes(&cfg).len());
-        for (name, var) in data.iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient reaches {name}"));
-            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(norm > 0.0, "zero gradient for {name}");
+        let mut out: Vec<(String, Tensor)> = data
+            .iter()
+            .map(|(name, var)| {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient reaches {name} ({kernels:?})"));
+                (name.clone(), g.clone())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        (loss.to_scalar().unwrap(), out)
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for kernels in [Kernels::Fused, Kernels::Composite] {
+            for (name, g) in loss_and_grads(kernels).1 {
+                let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                assert!(norm > 0.0, "zero gradient for {name} ({kernels:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_kernels_give_the_composite_loss_and_gradients() {
+        let (fused_loss, fused) = loss_and_grads(Kernels::Fused);
+        let (comp_loss, comp) = loss_and_grads(Kernels::Composite);
+        assert!(
+            (fused_loss - comp_loss).abs() < 1e-5,
+            "{fused_loss} vs {comp_loss}"
+        );
+        for ((name, a), (_, b)) in fused.iter().zip(&comp) {
+            let diff = crate::train::kernels::tests::max_diff(a, b);
+            assert!(diff < 1e-5, "{name}: gradients differ by {diff}");
         }
     }
 

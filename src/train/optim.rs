@@ -98,6 +98,23 @@ impl AdamW {
     }
 }
 
+/// Adds the gradients of `vars` from one backward pass into `acc`, detached, and drops the
+/// rest of `grads`. Candle's gradients of matmul operands still point into the forward graph
+/// (they are built from its tensors), so a kept `GradStore` would keep that whole graph, every
+/// activation of the micro-batch, alive; the detached sums keep nothing but themselves.
+pub fn accumulate_grads(acc: &mut GradStore, grads: GradStore, vars: &[Var]) -> Result<()> {
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), sum.detach());
+        }
+    }
+    Ok(())
+}
+
 /// Scales the gradients of `vars` so their global L2 norm is at most `max_norm` (when positive).
 /// Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {

@@ -21,7 +21,7 @@ use crate::train::batch::{StepNorm, TaskLossSums, batch_loss_parts, make_step_ba
 use crate::train::chat::Chat;
 use crate::train::eval::{EvalSet, evaluate, watched_loss};
 use crate::train::model::Decoder;
-use crate::train::optim::{AdamW, clip_grad_norm, lr_at};
+use crate::train::optim::{AdamW, accumulate_grads, clip_grad_norm, lr_at};
 
 /// Where the run is: what resuming needs besides weights and moments.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -309,21 +309,9 @@ pub fn train(
             }
             loss_sum += value;
             let grads = loss.backward()?;
-            grads_acc = Some(match grads_acc.take() {
-                None => grads,
-                Some(mut acc) => {
-                    for v in &vars {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
+            drop(loss);
+            let acc = grads_acc.get_or_insert_with(Default::default);
+            accumulate_grads(acc, grads, &vars)?;
         }
         let Some(mut grads) = grads_acc else {
             anyhow::bail!("no batch could be built");

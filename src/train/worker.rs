@@ -27,6 +27,7 @@ use crate::train::chat::Chat;
 use crate::train::device::choose_device;
 use crate::train::eval::EvalSet;
 use crate::train::export::{save_model_folder, save_peft_adapter, tensors_of};
+use crate::train::memory;
 use crate::train::model::{Decoder, init_lora, init_weights, merge_lora, named_vars};
 use crate::train::optim::AdamW;
 use crate::train::score::load_bundle;
@@ -298,7 +299,8 @@ fn build_parts(
     };
     let lora = &project.training.lora;
     if !lora.enabled {
-        let model = Decoder::new(&config, var_builder(&weights, device))?;
+        let mut model = Decoder::new(&config, var_builder(&weights, device))?;
+        model.set_kernels(project.training.kernels);
         return Ok(Parts {
             model,
             config,
@@ -314,12 +316,13 @@ fn build_parts(
         .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
         .collect();
     let adapters = init_lora(&config, lora, project.seed, device)?;
-    let model = Decoder::with_lora(
+    let mut model = Decoder::with_lora(
         &config,
         VarBuilder::from_tensors(base.iter().cloned().collect(), DType::F32, device),
         lora,
         VarBuilder::from_varmap(&adapters, DType::F32, device),
     )?;
+    model.set_kernels(project.training.kernels);
     Ok(Parts {
         model,
         config,
@@ -401,7 +404,7 @@ fn run_worker(
         log(events, note);
     }
     prepared.check_fits(&pack)?;
-    let eval_set = EvalSet::build(
+    let mut eval_set = EvalSet::build(
         &project,
         &data,
         &parts.tokenizer,
@@ -423,13 +426,42 @@ fn run_worker(
         tokenizer: &parts.tokenizer,
         template: &parts.template,
     };
+    // Memory is planned before the first step: lower the micro-batch, or refuse with the numbers,
+    // rather than be killed half-way.
+    let lora_settings = &project.training.lora;
+    let shape = memory::RunShape {
+        config,
+        trainable,
+        lora: lora_settings.enabled.then_some(lora_settings),
+        fused: parts.model.fused(),
+    };
+    let plan = memory::plan(
+        &shape,
+        project.training.batch_rows,
+        project.training.grad_accum,
+        pack.max_seq_len,
+        (
+            memory::resident_bytes().0,
+            // A merged copy of the weights (LoRA), then the file's buffer.
+            parameters * 4 * if lora_settings.enabled { 2 } else { 1 },
+        ),
+        memory::available_bytes(),
+    )?;
+    log(events, memory::summary(&plan));
+    if let Some(note) = &plan.note {
+        log(events, note.clone());
+    }
+    let mut training = project.training.clone();
+    training.batch_rows = plan.batch_rows;
+    training.grad_accum = plan.grad_accum;
+    eval_set.batch_tokens = plan.batch_rows * pack.max_seq_len;
     let job = TrainJob {
         model: &parts.model,
         weights: &parts.trainable,
         prepared: &prepared,
         mix: &project.mixing,
         pack: &pack,
-        train: &project.training,
+        train: &training,
         seed: project.seed,
         out_dir: run_dir,
         eval: Some(&eval_set),
@@ -460,6 +492,7 @@ fn run_worker(
         parameters,
         trainable,
         total_steps,
+        kernels: parts.model.kernels_in_use(),
     })?;
     log(
         events,
@@ -517,6 +550,15 @@ fn run_worker(
         &parts.template.bos_token,
         &parts.eos,
     )?;
+    let (_, peak) = memory::resident_bytes();
+    log(
+        events,
+        format!(
+            "memory: peak {:.0} MiB (planned {:.0} MiB)",
+            peak as f64 / 1048576.0,
+            plan.peak() as f64 / 1048576.0
+        ),
+    );
     // The run's own record of what it reported, for the final numbers.
     let history = crate::core::runs::RunHistory::load(run_dir)
         .map(|(h, _)| h)
@@ -536,6 +578,12 @@ fn run_worker(
         "model": match &spec.model { ModelChoice::Tiny => "tiny".to_string(), ModelChoice::Path(p) => p.display().to_string() },
         "mode": pack.mode,
         "best_eval_loss": state.best_eval,
+        "memory": {
+            "planned_peak_bytes": plan.peak(),
+            "peak_bytes": peak,
+            "batch_rows": plan.batch_rows,
+            "grad_accum": plan.grad_accum,
+        },
         "final_loss": history.loss.last().map(|p| p[1]),
         "final_eval": history.latest_eval,
         "training": project.training,
