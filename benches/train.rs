@@ -41,6 +41,10 @@ use moi_studio::train::model::{Decoder, init_lora, init_weights, named_vars};
 use moi_studio::train::optim::{AdamW, accumulate_grads, clip_grad_norm};
 use rand::{Rng, SeedableRng};
 
+/// The allocator the studio's binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WARMUP: usize = 2;
 const SEGMENT: usize = 128;
 

@@ -1,5 +1,10 @@
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's malloc: tokenizing a million records makes many small, long-lived
+/// allocations, and glibc's bins spent over half of `moi-studio pack`'s time (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use moi_studio::cli::{Cli, command_summary, run};
 use moi_studio::ui::{no_display_reason, run_studio};
