@@ -1040,29 +1040,7 @@ impl CustomOp1 for FrozenLinear {
         let mut y = vec![0f32; m * out_dim];
         with_data(&self.weight, |w| {
             // SAFETY: x is m×in, w is out×in (read transposed), y is m×out.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    out_dim,
-                    in_dim,
-                    y.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    in_dim as isize,
-                    w.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                );
-            }
+            unsafe { matmul_par((m, out_dim, in_dim), &mut y, false, x, false, w, true, 1.0) };
             Ok(())
         })?;
         let mut shape = dims.to_vec();

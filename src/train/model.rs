@@ -197,41 +197,33 @@ impl Proj {
     /// The fused path: one 2-D matmul over every token (no weight broadcast over the batch and
     /// no batched weight gradient to sum), and a frozen weight's gradient never computed.
     fn forward_flat(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inp = *dims.last().unwrap_or(&0);
-        let x2 = x.reshape(((), inp))?;
+        let mut out = x.dims().to_vec();
+        let x2 = x.reshape(((), *out.last().unwrap_or(&0)))?;
         let w = self.base.weight();
-        let mut out = dims;
-        if let (Some(l), false) = (&self.lora, w.is_variable()) {
+        let dropout = |l: &LoraAdapter| {
+            (train && l.dropout > 0.0).then(|| l.rng.keep(x2.elem_count(), l.dropout))
+        };
+        let mut y = match (&self.lora, w.is_variable()) {
             // A frozen base with its adapter: one op, no weight gradient, no intermediates.
-            let dropout = (train && l.dropout > 0.0)
-                .then(|| (l.rng.keep(x2.elem_count(), l.dropout), l.dropout));
-            let mut y = kernels::lora_linear(&x2, w, (&l.a, &l.b, l.scale), dropout)?;
-            if let Some(bias) = self.base.bias() {
-                y = y.broadcast_add(bias)?;
+            (Some(l), false) => kernels::lora_linear(
+                &x2,
+                w,
+                (&l.a, &l.b, l.scale),
+                dropout(l).map(|keep| (keep, l.dropout)),
+            )?,
+            (Some(l), true) => {
+                let xd = match dropout(l) {
+                    Some(keep) => kernels::dropout(&x2, keep, l.dropout)?,
+                    None => x2.clone(),
+                };
+                let update = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                (x2.matmul(&w.t()?)? + (update * l.scale)?)?
             }
-            if let Some(last) = out.last_mut() {
-                *last = y.dim(1)?;
-            }
-            return y.reshape(out);
-        }
-        let mut y = if w.is_variable() {
-            x2.matmul(&w.t()?)?
-        } else {
-            kernels::frozen_linear(&x2, w)?
+            (None, true) => x2.matmul(&w.t()?)?,
+            (None, false) => kernels::frozen_linear(&x2, w)?,
         };
         if let Some(bias) = self.base.bias() {
             y = y.broadcast_add(bias)?;
-        }
-        if let Some(l) = &self.lora {
-            let xd = if train && l.dropout > 0.0 {
-                let keep = l.rng.keep(x2.elem_count(), l.dropout);
-                kernels::dropout(&x2, keep, l.dropout)?
-            } else {
-                x2
-            };
-            let update = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-            y = (y + (update * l.scale)?)?;
         }
         if let Some(last) = out.last_mut() {
             *last = y.dim(1)?;
