@@ -201,6 +201,22 @@ fn resuming_from_a_checkpoint_continues_exactly() {
 }
 
 #[test]
+fn the_same_seed_trains_the_same_run_bit_for_bit() {
+    // Parallel reductions (a weight gradient summed over rows) must not depend on how the
+    // threads split the work: a seed names one run, and the ablation compares runs by seed.
+    let losses = |_: u8| {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, params) = model(3);
+        run(&m, &params, &settings(), dir.path(), None, None).0
+    };
+    let (a, b) = (losses(0), losses(1));
+    assert_eq!(a.len(), 20);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x.to_bits(), y.to_bits(), "step {s}: {x} vs {y}");
+    }
+}
+
+#[test]
 fn one_step_of_accumulation_equals_one_step_on_the_concatenated_batch() {
     use moi_studio::core::train_settings::LossNorm;
     for norm in [LossNorm::TokenMean, LossNorm::SampleMean] {

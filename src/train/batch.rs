@@ -32,6 +32,21 @@ pub struct Batch {
     pub trained: usize,
     /// The task of each target's sample (`None` where not trained), for per-task losses.
     pub target_tasks: Vec<Option<u32>>,
+    /// The trained targets alone, for a loss that computes logits only where it needs them.
+    pub trained_only: TrainedTargets,
+}
+
+/// The targets with a non-zero weight: where each sits, its token and its weight.
+#[derive(Debug, Clone)]
+pub struct TrainedTargets {
+    /// Index of each into the batch's `b·(t−1)` targets.
+    pub at: Vec<usize>,
+    /// Row of each in the flattened `[b·t, hidden]` states: the position the target follows.
+    pub rows: Tensor,
+    /// The target tokens.
+    pub ids: Arc<Vec<u32>>,
+    /// Their loss weights `[n]`.
+    pub weights: Tensor,
 }
 
 /// What a whole optimizer step's loss is normalised by: trained targets and samples over every
@@ -141,6 +156,23 @@ pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> 
             }
         }
     }
+    let at: Vec<usize> = (0..owner.len()).filter(|&k| owner[k].is_some()).collect();
+    let trained_only = TrainedTargets {
+        rows: Tensor::from_vec(
+            at.iter()
+                .map(|&k| (k / (t - 1) * t + k % (t - 1)) as u32)
+                .collect::<Vec<u32>>(),
+            at.len(),
+            device,
+        )?,
+        ids: Arc::new(at.iter().map(|&k| targets[k]).collect()),
+        weights: Tensor::from_vec(
+            at.iter().map(|&k| weights[k]).collect::<Vec<f32>>(),
+            at.len(),
+            device,
+        )?,
+        at,
+    };
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, t), device)?,
         positions: Tensor::from_vec(pos, (b, t), device)?,
@@ -151,6 +183,7 @@ pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> 
         tokens,
         trained,
         target_tasks,
+        trained_only,
     })
 }
 
@@ -162,6 +195,23 @@ pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
 /// The weighted loss (a scalar) and every target's log-probability `[b·(t−1)]`, from which
 /// per-task losses are read.
 pub fn batch_loss_parts(model: &Decoder, batch: &Batch) -> Result<(Tensor, Tensor)> {
+    let sel = &batch.trained_only;
+    if model.fused() && !sel.at.is_empty() {
+        // Only the trained positions go through the vocabulary-sized head: in an instruction
+        // batch most tokens are prompts, and their logits would only be thrown away.
+        if let Some(x) = model.hidden_train(&batch.input_ids, &batch.positions, &batch.mask)? {
+            let (b, t, hid) = x.dims3()?;
+            let x = x.reshape((b * t, hid))?.index_select(&sel.rows, 0)?;
+            let picked = kernels::next_token_log_probs(&model.head(&x)?, sel.ids.clone())?;
+            let loss = (&picked * &sel.weights)?.sum_all()?.neg()?;
+            let mut all = vec![0f32; batch.target_ids.len()];
+            for (&k, lp) in sel.at.iter().zip(picked.to_vec1::<f32>()?) {
+                all[k] = lp;
+            }
+            let n = all.len();
+            return Ok((loss, Tensor::from_vec(all, n, x.device())?));
+        }
+    }
     let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;
     if model.fused() {
         let picked = kernels::next_token_log_probs(&logits, batch.target_ids.clone())?;
@@ -311,15 +361,30 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_loss_equals_log_softmax_and_gather() {
+    fn the_fused_loss_on_trained_positions_equals_log_softmax_and_gather_with_gradients() {
         use crate::core::train_settings::Kernels;
         use crate::train::model::new_trainable;
         let dev = Device::Cpu;
-        let (mut model, _) = new_trainable(&small_config(), 5, &dev).unwrap();
+        let (mut model, varmap) = new_trainable(&small_config(), 5, &dev).unwrap();
         let b = make_batch(&[row(), short_row()], LossNorm::SampleMean, &dev).unwrap();
+        // The fused loss computes logits only at the trained positions.
+        assert!(b.trained_only.at.len() < b.target_ids.len());
         let (fused, fused_lp) = batch_loss_parts(&model, &b).unwrap();
+        let fused_grads = fused.backward().unwrap();
         model.set_kernels(Kernels::Composite);
         let (comp, comp_lp) = batch_loss_parts(&model, &b).unwrap();
+        let comp_grads = comp.backward().unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let (f, c) = (
+                fused_grads.get(var.as_tensor()),
+                comp_grads.get(var.as_tensor()),
+            );
+            let (Some(f), Some(c)) = (f, c) else {
+                panic!("{name}: a gradient is missing");
+            };
+            let diff = crate::train::kernels::tests::max_diff(f, c);
+            assert!(diff < 1e-5, "{name}: gradients differ by {diff}");
+        }
         let (fused, comp) = (
             fused.to_scalar::<f32>().unwrap(),
             comp.to_scalar::<f32>().unwrap(),

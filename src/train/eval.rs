@@ -205,30 +205,42 @@ fn score_items(
         let input = Tensor::from_vec(ids, (b, t), &device)?;
         let positions = Tensor::from_vec(pos, (b, t), &device)?;
         let mask = attention_mask(&segs, t, &device)?;
-        let logits = model.forward(&input, &positions, &mask)?.detach();
-        let v = logits.dim(D::Minus1)?;
-        let target_ids = std::sync::Arc::new(targets.clone());
-        let targets = Tensor::from_vec(targets, b * (t - 1), &device)?;
-        let weights = Tensor::from_vec(weights, b * (t - 1), &device)?;
+        // Logits only where an answer token is scored: the head is the costliest layer of a
+        // small model, and most of an eval item is its prompt.
+        let at: Vec<usize> = (0..weights.len()).filter(|&k| weights[k] > 0.0).collect();
+        let rows: Vec<u32> = at
+            .iter()
+            .map(|&k| (k / (t - 1) * t + k % (t - 1)) as u32)
+            .collect();
+        let picked_targets: Vec<u32> = at.iter().map(|&k| targets[k]).collect();
+        let n = at.len();
+        if n == 0 {
+            continue;
+        }
+        let hidden = model.hidden(&input, &positions, &mask)?.detach();
+        let hid = hidden.dim(D::Minus1)?;
+        let hidden = hidden
+            .reshape((b * t, hid))?
+            .index_select(&Tensor::from_vec(rows, n, &device)?, 0)?;
+        let logits = model.head(&hidden)?.detach();
+        let targets = Tensor::from_vec(picked_targets.clone(), n, &device)?;
         let picked = if model.fused() {
-            crate::train::kernels::next_token_log_probs(&logits, target_ids)?
+            crate::train::kernels::next_token_log_probs(
+                &logits,
+                std::sync::Arc::new(picked_targets),
+            )?
         } else {
-            let flat = logits
-                .narrow(1, 0, t - 1)?
-                .reshape((b * (t - 1), v))?
-                .to_dtype(DType::F32)?;
-            candle_nn::ops::log_softmax(&flat, D::Minus1)?
+            candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?
                 .gather(&targets.unsqueeze(1)?, 1)?
                 .squeeze(1)?
         };
-        let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-        loss -= f64::from((picked * &weights)?.sum_all()?.to_scalar::<f32>()?);
+        loss -= f64::from(picked.sum_all()?.to_scalar::<f32>()?);
         let hits = logits
             .argmax(D::Minus1)?
             .eq(&targets)?
             .to_dtype(DType::F32)?;
-        correct += (hits * &weights)?.sum_all()?.to_scalar::<f32>()? as u64;
-        tokens += weights.sum_all()?.to_scalar::<f32>()? as u64;
+        correct += hits.sum_all()?.to_scalar::<f32>()? as u64;
+        tokens += n as u64;
     }
     Ok((loss, tokens, correct))
 }

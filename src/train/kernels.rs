@@ -647,12 +647,16 @@ impl CustomOp2 for RmsNormOp {
                 with_data(grad, |g| {
                     let n = w.len();
                     let mut dx = vec![0f32; x.len()];
-                    let dw = dx
-                        .par_chunks_mut(n)
-                        .zip(x.par_chunks(n).zip(g.par_chunks(n)))
-                        .fold(
-                            || vec![0f32; n],
-                            |mut dw, (dx, (x, g))| {
+                    // The weight's gradient sums over rows: partial sums over fixed blocks of
+                    // rows, added in block order, so the result does not depend on how the
+                    // threads happened to split the work (a run repeats bit for bit).
+                    let block = RMS_NORM_BLOCK_ROWS * n;
+                    let partials: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(block)
+                        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+                        .map(|(dx, (x, g))| {
+                            let mut dw = vec![0f32; n];
+                            for (dx, (x, g)) in dx.chunks_mut(n).zip(x.chunks(n).zip(g.chunks(n))) {
                                 let r = inv_rms(x, self.eps);
                                 let mut dot = 0.0;
                                 for ((x, g), w) in x.iter().zip(g).zip(w) {
@@ -666,18 +670,16 @@ impl CustomOp2 for RmsNormOp {
                                     *dx = r * (g * w - xhat * dot);
                                     *dw += g * xhat;
                                 }
-                                dw
-                            },
-                        )
-                        .reduce(
-                            || vec![0f32; n],
-                            |mut a, b| {
-                                for (a, b) in a.iter_mut().zip(b) {
-                                    *a += b;
-                                }
-                                a
-                            },
-                        );
+                            }
+                            dw
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; n];
+                    for part in &partials {
+                        for (a, b) in dw.iter_mut().zip(part) {
+                            *a += b;
+                        }
+                    }
                     Ok((dx, dw))
                 })
             })
@@ -688,6 +690,9 @@ impl CustomOp2 for RmsNormOp {
         ))
     }
 }
+
+/// Rows per block of the RMSNorm weight gradient's partial sums.
+const RMS_NORM_BLOCK_ROWS: usize = 64;
 
 /// RMSNorm over the last dimension: `x · rsqrt(mean(x²) + eps) · w` (f32, CPU).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -895,8 +900,9 @@ impl CustomOp1 for NextTokenLogProb {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let logits = data(storage, layout)?;
-        let (b, t, v) = layout.shape().dims3()?;
-        if t < 2 || self.targets.len() != b * (t - 1) {
+        let rows = TargetRows::of(layout.shape())?;
+        let v = rows.vocab;
+        if self.targets.len() != rows.targets {
             bail!(
                 "cross-entropy: {} targets for logits {:?}",
                 self.targets.len(),
@@ -906,12 +912,10 @@ impl CustomOp1 for NextTokenLogProb {
         if let Some(&bad) = self.targets.iter().find(|&&x| x as usize >= v) {
             bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
         }
-        let n = b * (t - 1);
-        let (lp, lse): (Vec<f32>, Vec<f32>) = (0..n)
+        let (lp, lse): (Vec<f32>, Vec<f32>) = (0..rows.targets)
             .into_par_iter()
             .map(|k| {
-                let (r, j) = (k / (t - 1), k % (t - 1));
-                let row = &logits[(r * t + j) * v..][..v];
+                let row = &logits[rows.row_of(k) * v..][..v];
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
                 let lse = max + sum.ln();
@@ -921,7 +925,7 @@ impl CustomOp1 for NextTokenLogProb {
         if let Ok(mut saved) = self.lse.lock() {
             *saved = lse;
         }
-        Ok((CpuStorage::F32(lp), Shape::from(n)))
+        Ok((CpuStorage::F32(lp), Shape::from(rows.targets)))
     }
 
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -929,16 +933,15 @@ impl CustomOp1 for NextTokenLogProb {
             Ok(l) => l.clone(),
             Err(_) => bail!("cross-entropy: saved state poisoned"),
         };
-        let (_, t, v) = logits.dims3()?;
+        let rows = TargetRows::of(logits.shape())?;
+        let v = rows.vocab;
         let dl = with_data(logits, |x| {
             with_data(grad, |g| {
                 let mut dl = vec![0f32; x.len()];
                 dl.par_chunks_mut(v).enumerate().for_each(|(pos, out)| {
-                    let (r, j) = (pos / t, pos % t);
-                    if j == t - 1 {
+                    let Some(k) = rows.target_of(pos) else {
                         return;
-                    }
-                    let k = r * (t - 1) + j;
+                    };
                     let gk = g[k];
                     if gk == 0.0 {
                         return;
@@ -956,8 +959,52 @@ impl CustomOp1 for NextTokenLogProb {
     }
 }
 
+/// Which logits row each target is scored on: `[b, t, v]` logits give `b·(t−1)` next-token
+/// targets (target `r·(t−1) + j` after position `j` of row `r`, the last position unused);
+/// `[n, v]` logits give `n` targets, one per row.
+#[derive(Debug, Clone, Copy)]
+struct TargetRows {
+    /// Positions per row, for `[b, t, v]`; `None` for `[n, v]`.
+    t: Option<usize>,
+    targets: usize,
+    vocab: usize,
+}
+
+impl TargetRows {
+    fn of(shape: &Shape) -> Result<Self> {
+        match *shape.dims() {
+            [b, t, v] if t >= 2 => Ok(Self {
+                t: Some(t),
+                targets: b * (t - 1),
+                vocab: v,
+            }),
+            [n, v] => Ok(Self {
+                t: None,
+                targets: n,
+                vocab: v,
+            }),
+            _ => bail!("cross-entropy: logits {shape:?} are neither [b, t ≥ 2, v] nor [n, v]"),
+        }
+    }
+
+    fn row_of(&self, k: usize) -> usize {
+        match self.t {
+            Some(t) => k / (t - 1) * t + k % (t - 1),
+            None => k,
+        }
+    }
+
+    fn target_of(&self, pos: usize) -> Option<usize> {
+        match self.t {
+            Some(t) => (pos % t != t - 1).then(|| pos / t * (t - 1) + pos % t),
+            None => Some(pos),
+        }
+    }
+}
+
 /// Log-probability `[b·(t−1)]` of each next token `targets` under `logits` `[b, t, v]` (f32,
 /// CPU), differentiable in the logits; target `r·(t−1) + j` follows position `j` of row `r`.
+/// Logits `[n, v]` instead score `targets[k]` on row `k` (logits computed only where trained).
 pub fn next_token_log_probs(logits: &Tensor, targets: Arc<Vec<u32>>) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(NextTokenLogProb {
         targets,
@@ -1549,6 +1596,17 @@ pub(crate) mod tests {
         });
         assert_close("log-probs", &fused, &comp, 1e-5);
         assert_close("dlogits", &fg[0], &cg[0], 1e-5);
+        // Logits [n, v]: one target per row, no shift.
+        let (flat, flat_g) = grads(&inputs, |x| {
+            let rows = x[0]
+                .narrow(1, 0, t - 1)
+                .unwrap()
+                .reshape((b * (t - 1), v))
+                .unwrap();
+            next_token_log_probs(&rows, Arc::new(targets.clone())).unwrap()
+        });
+        assert_close("log-probs of [n, v]", &flat, &comp, 1e-5);
+        assert_close("dlogits of [n, v]", &flat_g[0], &cg[0], 1e-5);
         assert!(next_token_log_probs(&inputs[0], Arc::new(vec![v as u32; b * (t - 1)])).is_err());
     }
 

@@ -663,9 +663,56 @@ impl Decoder {
         input_ids: &Tensor,
         positions: &Tensor,
         mask: &Mask,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
+        let (x, fused) = self.trunk(input_ids, positions, mask, cache, train)?;
+        if fused {
+            let (b, t, hid) = x.dims3()?;
+            let logits = self.head(&x.reshape((b * t, hid))?)?;
+            return logits.reshape((b, t, logits.dim(1)?));
+        }
+        self.lm_head.forward(&x)
+    }
+
+    /// The final hidden states `[b, t, hidden]` (after the last norm) in training mode, when the
+    /// fused kernels run (`None` otherwise): with [`Decoder::head`] on the rows that are trained,
+    /// the vocabulary-sized logits are computed only where a loss needs them.
+    pub fn hidden_train(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Mask,
+    ) -> Result<Option<Tensor>> {
+        let (x, fused) = self.trunk(input_ids, positions, mask, None, true)?;
+        Ok(fused.then_some(x))
+    }
+
+    /// The final hidden states `[b, t, hidden]` (after the last norm), for inference: with
+    /// [`Decoder::head`] on the rows that are scored.
+    pub fn hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: &Mask) -> Result<Tensor> {
+        Ok(self.trunk(input_ids, positions, mask, None, false)?.0)
+    }
+
+    /// Logits `[n, vocab]` of hidden states `[n, hidden]`.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.weight();
+        if w.is_variable() || !self.fused() {
+            x.matmul(&w.t()?)
+        } else {
+            kernels::frozen_linear(x, w)
+        }
+    }
+
+    /// Embedding, layers and final norm; whether the fused kernels ran.
+    fn trunk(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Mask,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<(Tensor, bool)> {
         let pass = self.pass(positions, mask, cache.is_some(), train)?;
         let fused = pass.fused.is_some();
         let mut x = self.embed.forward(input_ids)?;
@@ -686,19 +733,7 @@ impl Decoder {
                 .forward(&layer.mlp_norm.forward(&x, fused)?, train, fused)?;
             x = (x + h)?;
         }
-        let x = self.norm.forward(&x, fused)?;
-        if fused {
-            let (b, t, hid) = x.dims3()?;
-            let w = self.lm_head.weight();
-            let x = x.reshape((b * t, hid))?;
-            let logits = if w.is_variable() {
-                x.matmul(&w.t()?)?
-            } else {
-                kernels::frozen_linear(&x, w)?
-            };
-            return logits.reshape((b, t, w.dim(0)?));
-        }
-        self.lm_head.forward(&x)
+        Ok((self.norm.forward(&x, fused)?, fused))
     }
 
     /// Logits of the next token after `new_ids` (batch of one), extending `cache`.

@@ -241,7 +241,7 @@ impl StudioApp {
             history: RunHistory::default(),
             experiments: Default::default(),
             model: ModelPick::Tiny,
-            steps_override: Some(60),
+            steps_override: None,
             try_it: TryIt {
                 prompt: "What is 12 + 30?".to_string(),
                 system: None,

@@ -8,6 +8,11 @@ use crate::core::runs::{RunHistory, list_runs};
 use crate::ui::app::{StudioApp, TrainState};
 use crate::ui::jobs::LoadEvent;
 
+/// How often the window repaints while a job runs, and the shortest gap between two repaints
+/// its events ask for: three frames a second keep the live plots moving, and under software
+/// rendering (no GPU) each frame's cost is taken from the training the plots show.
+pub(crate) const LIVE_WAKE_GAP: Duration = Duration::from_millis(333);
+
 impl StudioApp {
     pub fn drain_events(&mut self) {
         let deadline = Instant::now() + Duration::from_millis(6);
@@ -200,7 +205,10 @@ impl StudioApp {
         let mut spec =
             crate::train::worker::RunSpec::new(self.project.clone(), self.model.choice());
         spec.max_steps = self.steps_override;
-        match crate::train::worker::spawn_run(spec, self.wake.clone()) {
+        // The window repaints on a timer while training (see the shell); steps wake it at most
+        // as often as that timer.
+        let wake = crate::core::events::rate_limited(self.wake.clone(), LIVE_WAKE_GAP);
+        match crate::train::worker::spawn_run(spec, wake) {
             Ok(handle) => {
                 self.history = RunHistory::default();
                 self.status = format!("training in {}", handle.run_dir.display());

@@ -276,7 +276,8 @@ impl StudioApp {
         let (tx, rx) = crossbeam_channel::bounded(256);
         let stop = Arc::new(AtomicBool::new(false));
         let project = self.project.clone();
-        let wake = self.wake.clone();
+        let wake =
+            crate::core::events::rate_limited(self.wake.clone(), crate::ui::events::LIVE_WAKE_GAP);
         let (thread_plan, thread_folder, thread_stop) =
             (plan.clone(), folder.clone(), stop.clone());
         let spawned = std::thread::Builder::new()

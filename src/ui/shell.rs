@@ -1,7 +1,7 @@
 //! The window's frame: menu bar, status bar and the task list beside the tabs.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use egui::Color32;
 
@@ -61,7 +61,8 @@ impl StudioApp {
             || self.preview.job.is_some()
             || self.is_loading()
         {
-            ui.ctx().request_repaint_after(Duration::from_millis(250));
+            ui.ctx()
+                .request_repaint_after(crate::ui::events::LIVE_WAKE_GAP);
         }
         self.last_frame = started.elapsed();
     }

@@ -50,12 +50,15 @@ fn small_plot(ui: &mut egui::Ui, id: &str, title: &str, items: Vec<Item>, width:
     ui.vertical(|ui| {
         ui.set_width(width);
         ui.strong(title);
-        let mut plot = Plot::new(id)
-            .height(170.0)
-            .width(width)
-            .legend(Legend::default());
+        let mut plot = Plot::new(id).height(170.0).width(width);
         if id == "exact" {
-            plot = plot.include_y(0.0).include_y(1.0);
+            // Scores rise to the right: the legend goes where the curves start, near zero.
+            plot = plot
+                .include_y(0.0)
+                .include_y(1.0)
+                .legend(Legend::default().position(egui_plot::Corner::LeftTop));
+        } else {
+            plot = plot.legend(Legend::default());
         }
         plot.show(ui, |plot| {
             for item in items {
@@ -82,27 +85,22 @@ fn eval_lines(
             .position(|n| n == name)
             .map_or(egui::Color32::GRAY, task_color);
         let (own, default) = pick(curves);
-        for (series, kind, style, shape) in [
-            (own, "task prompt", LineStyle::Solid, MarkerShape::Circle),
-            (
-                default,
-                "default prompt",
-                LineStyle::dashed_loose(),
-                MarkerShape::Diamond,
-            ),
+        // One legend entry per task, toggling both of its lines; the title says which is which.
+        for (series, style, shape) in [
+            (own, LineStyle::Solid, MarkerShape::Circle),
+            (default, LineStyle::dashed_loose(), MarkerShape::Diamond),
         ] {
             if series.is_empty() {
                 continue;
             }
-            let name = format!("{name} · {kind}");
             out.push(Item::Line(
-                line(&name, series.points())
+                line(name, series.points())
                     .color(color)
                     .style(style)
                     .width(2.0),
             ));
             out.push(Item::Points(
-                Points::new(name, PlotPoints::from(series.points()))
+                Points::new(name.as_str(), PlotPoints::from(series.points()))
                     .color(color)
                     .shape(shape)
                     .radius(3.5),
@@ -415,7 +413,7 @@ impl StudioApp {
             small_plot(
                 ui,
                 "exact",
-                "Exact match per task",
+                "Exact match per task (solid: task prompt, dashed: default prompt)",
                 eval_lines(h, &names, |c| (&c.exact_task, &c.exact_default)),
                 width2,
             );
