@@ -194,6 +194,8 @@ fn training_plots_its_loss_and_finishes_and_stop_stops() {
     let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
     wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
     h.state_mut().set_tab(Tab::Train);
+    // Start trains the project's whole schedule unless the user asks for fewer steps.
+    assert_eq!(h.state().steps_override, None);
     h.state_mut().steps_override = Some(3);
     h.run_steps(1);
     h.get_by_label("Start").click();
