@@ -160,7 +160,7 @@ pub fn make_step_batch(rows: &[PackedRow], step: &StepNorm, device: &Device) -> 
     let trained_only = TrainedTargets {
         rows: Tensor::from_vec(
             at.iter()
-                .map(|&k| (k / (t - 1) * t + k % (t - 1)) as u32)
+                .map(|&k| kernels::next_token_row(k, t) as u32)
                 .collect::<Vec<u32>>(),
             at.len(),
             device,
@@ -200,16 +200,15 @@ pub fn batch_loss_parts(model: &Decoder, batch: &Batch) -> Result<(Tensor, Tenso
         // Only the trained positions go through the vocabulary-sized head: in an instruction
         // batch most tokens are prompts, and their logits would only be thrown away.
         if let Some(x) = model.hidden_train(&batch.input_ids, &batch.positions, &batch.mask)? {
-            let (b, t, hid) = x.dims3()?;
-            let x = x.reshape((b * t, hid))?.index_select(&sel.rows, 0)?;
-            let picked = kernels::next_token_log_probs(&model.head(&x)?, sel.ids.clone())?;
+            let picked =
+                kernels::next_token_log_probs(&model.head_at(&x, &sel.rows)?, sel.ids.clone())?;
             let loss = (&picked * &sel.weights)?.sum_all()?.neg()?;
             let mut all = vec![0f32; batch.target_ids.len()];
             for (&k, lp) in sel.at.iter().zip(picked.to_vec1::<f32>()?) {
                 all[k] = lp;
             }
             let n = all.len();
-            return Ok((loss, Tensor::from_vec(all, n, x.device())?));
+            return Ok((loss, Tensor::from_vec(all, n, model.device())?));
         }
     }
     let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;

@@ -210,7 +210,7 @@ fn score_items(
         let at: Vec<usize> = (0..weights.len()).filter(|&k| weights[k] > 0.0).collect();
         let rows: Vec<u32> = at
             .iter()
-            .map(|&k| (k / (t - 1) * t + k % (t - 1)) as u32)
+            .map(|&k| crate::train::kernels::next_token_row(k, t) as u32)
             .collect();
         let picked_targets: Vec<u32> = at.iter().map(|&k| targets[k]).collect();
         let n = at.len();
@@ -218,11 +218,9 @@ fn score_items(
             continue;
         }
         let hidden = model.hidden(&input, &positions, &mask)?.detach();
-        let hid = hidden.dim(D::Minus1)?;
-        let hidden = hidden
-            .reshape((b * t, hid))?
-            .index_select(&Tensor::from_vec(rows, n, &device)?, 0)?;
-        let logits = model.head(&hidden)?.detach();
+        let logits = model
+            .head_at(&hidden, &Tensor::from_vec(rows, n, &device)?)?
+            .detach();
         let targets = Tensor::from_vec(picked_targets.clone(), n, &device)?;
         let picked = if model.fused() {
             crate::train::kernels::next_token_log_probs(

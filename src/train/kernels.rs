@@ -959,6 +959,11 @@ impl CustomOp1 for NextTokenLogProb {
     }
 }
 
+/// The row of flattened `[b·t, …]` states that next-token target `k` of `b·(t−1)` follows.
+pub fn next_token_row(k: usize, t: usize) -> usize {
+    k / (t - 1) * t + k % (t - 1)
+}
+
 /// Which logits row each target is scored on: `[b, t, v]` logits give `b·(t−1)` next-token
 /// targets (target `r·(t−1) + j` after position `j` of row `r`, the last position unused);
 /// `[n, v]` logits give `n` targets, one per row.
@@ -989,7 +994,7 @@ impl TargetRows {
 
     fn row_of(&self, k: usize) -> usize {
         match self.t {
-            Some(t) => k / (t - 1) * t + k % (t - 1),
+            Some(t) => next_token_row(k, t),
             None => k,
         }
     }

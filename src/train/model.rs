@@ -694,6 +694,13 @@ impl Decoder {
         Ok(self.trunk(input_ids, positions, mask, None, false)?.0)
     }
 
+    /// Logits `[n, vocab]` of the rows `rows` (`[n]`, u32) of hidden states `[b, t, hidden]`
+    /// flattened to `[b·t, hidden]`.
+    pub fn head_at(&self, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let (b, t, hid) = hidden.dims3()?;
+        self.head(&hidden.reshape((b * t, hid))?.index_select(rows, 0)?)
+    }
+
     /// Logits `[n, vocab]` of hidden states `[n, hidden]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.weight();
