@@ -396,3 +396,84 @@ fn train_eval_export_and_resume_from_the_command_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no finished model"));
 }
+
+#[test]
+fn train_in_phases_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = quick_demo(dir.path());
+    let runs = dir.path().join("runs");
+    let train = |extra: &[&str]| {
+        studio()
+            .args(["train", project.to_str().unwrap(), "--steps", "6", "--json"])
+            .args(["--cpu", "--out", runs.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = train(&[
+        "--phases",
+        "3",
+        "--difficulty",
+        "length",
+        "--fresh-schedule",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let phases: Vec<(String, u64)> = events
+        .iter()
+        .filter(|e| e["event"] == "phase_started" || e["event"] == "phase_ended")
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["phase"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = (1..=3)
+        .flat_map(|p| {
+            [
+                ("phase_started".to_string(), p),
+                ("phase_ended".to_string(), p),
+            ]
+        })
+        .collect();
+    assert_eq!(phases, want);
+    let difficulty = events.iter().find(|e| e["event"] == "difficulty").unwrap();
+    assert!(
+        difficulty["by"]
+            .as_str()
+            .unwrap()
+            .contains("3 phases by length, a fresh schedule each"),
+        "{difficulty}"
+    );
+    // A fresh schedule warms up again: the learning rate rises at the first step of each phase.
+    let lr: Vec<f64> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| e["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(lr.len(), 6);
+    assert!(lr[2] < lr[1] || lr[4] < lr[3], "{lr:?}");
+
+    // A column the files do not hold is named; phase options need phases.
+    let out = train(&["--phases", "2", "--difficulty", "column:rating"]);
+    assert!(!out.status.success());
+    let err =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'rating'"), "{err}");
+    let out = train(&["--difficulty", "loss"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("need --phases 2 or more"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -110,6 +110,7 @@ fn run_with(
         out_dir: out,
         chat: None,
         eval,
+        phases: None,
     };
     let mut opt = AdamW::new(params.to_vec(), settings.adamw).unwrap();
     let resume = resume_from.map(|dir| load_checkpoint(dir, params, &mut opt).unwrap());

@@ -252,3 +252,87 @@ fn a_lora_run_answers_eval_now_writes_an_adapter_and_resumes() {
         .count();
     assert_eq!(steps, 5, "one metrics file across both parts");
 }
+
+#[test]
+fn a_phased_run_trains_its_phases_in_order_and_asks_chained_instructions() {
+    use moi_studio::core::sit::{SitSettings, default_templates};
+    let runs = tempfile::tempdir().unwrap();
+    let mut s = spec(runs.path(), 9);
+    s.project.training.phases.count = 3;
+    for task in &mut s.project.tasks {
+        task.sit = SitSettings {
+            share: 0.5,
+            steps: default_templates(),
+        };
+    }
+    let handle = spawn_run(s, Arc::new(|| {})).unwrap();
+    let events = collect(&handle, None);
+    handle.join();
+    assert_eq!(events.last(), Some(&TrainEvent::Finished { step: 9 }));
+    let first_step = events
+        .iter()
+        .position(|e| matches!(e, TrainEvent::Step(_)))
+        .unwrap();
+    let report = events
+        .iter()
+        .position(|e| matches!(e, TrainEvent::Difficulty(_)))
+        .expect("the difficulty report");
+    assert!(report < first_step);
+    let TrainEvent::Difficulty(d) = &events[report] else {
+        unreachable!()
+    };
+    assert_eq!(d.records.len(), 3);
+    let spread = d.records.iter().max().unwrap() - d.records.iter().min().unwrap();
+    assert!(spread <= 3, "one record per task at most: {:?}", d.records);
+    for (task, cuts) in &d.cuts {
+        assert!(cuts.windows(2).all(|w| w[0] <= w[1]), "{task}: {cuts:?}");
+    }
+    // Phase boundaries in order: each phase starts where the last ended, the last ends the run.
+    let phases: Vec<(&str, u32, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::PhaseStarted { phase, step, .. } => Some(("start", *phase, *step)),
+            TrainEvent::PhaseEnded { phase, step, .. } => Some(("end", *phase, *step)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases.len(), 6, "{phases:?}");
+    for (k, (kind, phase, _)) in phases.iter().enumerate() {
+        assert_eq!(*kind, if k % 2 == 0 { "start" } else { "end" });
+        assert_eq!(*phase as usize, k / 2 + 1);
+    }
+    assert_eq!(phases[0].2, 0);
+    for k in 0..2 {
+        assert_eq!(phases[2 * k + 1].2, phases[2 * k + 2].2, "{phases:?}");
+        assert!(phases[2 * k + 1].2 > phases[2 * k].2, "{phases:?}");
+    }
+    assert_eq!(phases[5].2, 9);
+    // A step of phase 2 comes after phase 2 started.
+    let start2 = events
+        .iter()
+        .position(|e| matches!(e, TrainEvent::PhaseStarted { phase: 2, .. }))
+        .unwrap();
+    let step_after = events[start2..]
+        .iter()
+        .find_map(|e| match e {
+            TrainEvent::Step(m) => Some(m.step),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(step_after, phases[2].2 + 1);
+    // Every task is also asked chained instructions, under both prompts.
+    let evals: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert!(!evals.is_empty());
+    for m in &evals {
+        let done = m
+            .steps_done
+            .unwrap_or_else(|| panic!("{} {:?}", m.task, m.prompt));
+        assert!((0.0..=1.0).contains(&done) && m.steps_tried >= 1);
+    }
+}

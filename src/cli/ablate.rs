@@ -20,7 +20,9 @@ pub struct AblateArgs {
     /// Folder for the runs and the reports; the same folder again resumes.
     #[arg(long)]
     pub out: PathBuf,
-    /// Variants, comma-separated: seq, concat, balanced, moi, moi-first-default.
+    /// Variants, comma-separated: seq, concat, balanced, moi, moi-first-default, and the
+    /// neighbouring methods sit (chained instructions), phased and phased-random (Phased IFT
+    /// and its control).
     #[arg(long, default_value = "seq,concat,balanced,moi", value_delimiter = ',')]
     pub variants: Vec<Variant>,
     /// Attention layouts, comma-separated: full, isolated, chunk (default: the project's).
@@ -147,12 +149,15 @@ pub fn run(args: AblateArgs) -> anyhow::Result<i32> {
                 TrainEvent::Eval(e) => {
                     if let Some(em) = e.exact_match {
                         say(format!(
-                            "  {:>9} tokens  {:<10} {:<7} loss {:.3}  exact {:>5.1}%",
+                            "  {:>9} tokens  {:<10} {:<7} loss {:.3}  exact {:>5.1}%{}",
                             bar.position(),
                             e.task,
                             e.prompt.label(),
                             e.loss,
-                            em * 100.0
+                            em * 100.0,
+                            e.steps_done
+                                .map(|s| format!("  every step {:>5.1}%", s * 100.0))
+                                .unwrap_or_default()
                         ));
                     }
                 }

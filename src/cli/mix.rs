@@ -53,6 +53,14 @@ fn load(path: &Path, quiet: bool) -> anyhow::Result<Loaded> {
     });
     let (tokenizer, prepared) = Prepared::for_project(&project, &data)?;
     for t in &prepared.tasks {
+        let chained = t.composed.iter().filter(|c| c.is_some()).count();
+        if chained > 0 {
+            say(&format!(
+                "task {}: {chained} of {} training records are chained instructions",
+                t.name,
+                t.samples.len()
+            ));
+        }
         for (origin, why) in t.failed.iter().take(5) {
             say(&format!(
                 "warning: task {} line {}: {why}",

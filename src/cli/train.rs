@@ -43,6 +43,45 @@ pub struct TrainArgs {
     /// Print one JSON event per line (the events the studio gets).
     #[arg(long)]
     pub json: bool,
+    /// Train in this many phases of rising difficulty (Phased IFT; 1 = one-off).
+    #[arg(long, value_name = "N", conflicts_with = "resume")]
+    pub phases: Option<u32>,
+    /// What difficulty is measured by: length (answer tokens), column:NAME (a numeric field of
+    /// the source records) or loss (the model's loss before training).
+    #[arg(long, value_name = "BY", conflicts_with = "resume")]
+    pub difficulty: Option<crate::core::phases::Difficulty>,
+    /// Each phase warms up and decays its learning rate again (default: one schedule).
+    #[arg(long, conflicts_with = "resume")]
+    pub fresh_schedule: bool,
+    /// The control: phases of the same sizes with records assigned at random.
+    #[arg(long, conflicts_with = "resume")]
+    pub random_phases: bool,
+}
+
+impl TrainArgs {
+    /// Applies the phase options to the project's `[training.phases]`.
+    fn apply_phases(&self, project: &mut Project) -> anyhow::Result<()> {
+        let phases = &mut project.training.phases;
+        if let Some(n) = self.phases {
+            anyhow::ensure!((1..=10).contains(&n), "--phases {n}: give 1 to 10");
+            phases.count = n;
+        }
+        if let Some(d) = &self.difficulty {
+            phases.difficulty = d.clone();
+        }
+        if self.fresh_schedule {
+            phases.schedule = crate::core::phases::PhaseSchedule::Fresh;
+        }
+        if self.random_phases {
+            phases.random = true;
+        }
+        let asked = self.difficulty.is_some() || self.fresh_schedule || self.random_phases;
+        anyhow::ensure!(
+            !asked || !phases.is_off(),
+            "--difficulty, --fresh-schedule and --random-phases need --phases 2 or more"
+        );
+        Ok(())
+    }
 }
 
 /// A line above the bar, or on stderr when the bar is hidden (not a terminal).
@@ -72,7 +111,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
             spec
         }
         (None, Some(path)) => {
-            let project = Project::load(path)?;
+            let mut project = Project::load(path)?;
+            args.apply_phases(&mut project)?;
             let model = match args.model.as_deref() {
                 Some("tiny") => ModelChoice::Tiny,
                 Some(p) => ModelChoice::Path(PathBuf::from(p)),
@@ -162,11 +202,43 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
                         e.exact_match
                             .map(|x| format!(" exact match {x:.3} of {}", e.generated))
                             .unwrap_or_default()
+                            + &e.steps_done
+                                .map(|x| format!(" every step {x:.3} of {}", e.steps_tried))
+                                .unwrap_or_default()
                     ),
                 ),
                 TrainEvent::Generated { step, text, .. } => {
                     say(bar, format!("answer at step {step}: {text}"))
                 }
+                TrainEvent::Difficulty(d) => {
+                    let cuts: Vec<String> = d
+                        .cuts
+                        .iter()
+                        .map(|(task, c)| {
+                            let c: Vec<String> = c.iter().map(|x| format!("{x:.3}")).collect();
+                            format!("{task} {}", c.join(" | "))
+                        })
+                        .collect();
+                    say(bar, format!("phase cut points: {}", cuts.join("; ")));
+                }
+                TrainEvent::PhaseStarted {
+                    phase,
+                    phases,
+                    step,
+                    records,
+                    ..
+                } => say(
+                    bar,
+                    format!("phase {phase} of {phases} starts at step {step} ({records} records)"),
+                ),
+                TrainEvent::PhaseEnded {
+                    phase,
+                    step,
+                    tokens,
+                } => say(
+                    bar,
+                    format!("phase {phase} ends at step {step} ({tokens} tokens)"),
+                ),
                 TrainEvent::Finished { step } => say(bar, format!("finished at step {step}")),
                 TrainEvent::Stopped { step } => say(bar, format!("stopped at step {step}")),
                 TrainEvent::Failed { error } => say(bar, format!("failed: {error}")),

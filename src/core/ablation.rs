@@ -28,16 +28,28 @@ pub enum Variant {
     Moi,
     /// MoI with each row's first instruction answered under the default prompt.
     MoiFirstDefault,
+    /// MoI with a share of every task's records composed into chained instructions (SIT).
+    Sit,
+    /// MoI trained in phases of rising difficulty (Phased IFT).
+    Phased,
+    /// The phased run's control: phases of the same sizes, records assigned at random.
+    PhasedRandom,
 }
+
+/// The share of each task's records the `sit` variant composes when the project sets none.
+pub const SIT_SHARE: f64 = 0.25;
 
 impl Variant {
     /// Every variant, in the paper's order.
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 8] = [
         Self::Seq,
         Self::Concat,
         Self::Balanced,
         Self::Moi,
         Self::MoiFirstDefault,
+        Self::Sit,
+        Self::Phased,
+        Self::PhasedRandom,
     ];
 
     /// The name on the command line and in reports.
@@ -48,6 +60,9 @@ impl Variant {
             Self::Balanced => "balanced",
             Self::Moi => "moi",
             Self::MoiFirstDefault => "moi-first-default",
+            Self::Sit => "sit",
+            Self::Phased => "phased",
+            Self::PhasedRandom => "phased-random",
         }
     }
 
@@ -57,7 +72,9 @@ impl Variant {
             Self::Seq => PackMode::Seq,
             Self::Concat => PackMode::Concat,
             Self::Balanced => PackMode::Balanced,
-            Self::Moi | Self::MoiFirstDefault => PackMode::Moi,
+            Self::Moi | Self::MoiFirstDefault | Self::Sit | Self::Phased | Self::PhasedRandom => {
+                PackMode::Moi
+            }
         }
     }
 }
@@ -71,7 +88,8 @@ impl std::str::FromStr for Variant {
             .find(|v| v.name() == s.trim())
             .ok_or_else(|| {
                 format!(
-                    "unknown variant '{s}': expected seq, concat, balanced, moi or moi-first-default"
+                    "unknown variant '{s}': expected seq, concat, balanced, moi, \
+                     moi-first-default, sit, phased or phased-random"
                 )
             })
     }
@@ -164,6 +182,29 @@ impl AblationPlan {
         p.training.eval_every_steps = 0;
         p.training.eval_every_tokens = self.tokens.div_ceil(u64::from(self.evals.max(1)));
         p.training.early_stopping_patience = 0;
+        // Every run of a plan with `sit` is also asked chained instructions at evaluation, so
+        // the step check compares all variants; only `sit` trains on them.
+        let sit_plan = self.variants.contains(&Variant::Sit);
+        for task in &mut p.tasks {
+            if sit_plan && task.sit.steps.is_empty() {
+                task.sit.steps = crate::core::sit::default_templates();
+            }
+            task.sit.share = match key.variant {
+                Variant::Sit if task.sit.share > 0.0 => task.sit.share,
+                Variant::Sit => SIT_SHARE,
+                _ => 0.0,
+            };
+        }
+        let phases = &mut p.training.phases;
+        match key.variant {
+            Variant::Phased | Variant::PhasedRandom => {
+                if phases.is_off() {
+                    phases.count = 3;
+                }
+                phases.random = key.variant == Variant::PhasedRandom;
+            }
+            _ => phases.count = 1,
+        }
         p
     }
 }
@@ -342,6 +383,8 @@ pub struct ResultRow {
     pub accuracy: Spread,
     /// Final exact match, for tasks with a check.
     pub exact_match: Option<Spread>,
+    /// Final share of chained instructions with every step done, for tasks asked them.
+    pub steps_done: Option<Spread>,
 }
 
 /// The ablation's numbers: every finished run's record, by key.
@@ -411,6 +454,8 @@ impl AblationResults {
                     };
                     let exact: Vec<f64> =
                         last.iter().filter_map(|e| e.metrics.exact_match).collect();
+                    let steps: Vec<f64> =
+                        last.iter().filter_map(|e| e.metrics.steps_done).collect();
                     out.push(ResultRow {
                         variant,
                         attention: attention_name(attention),
@@ -421,6 +466,7 @@ impl AblationResults {
                         loss,
                         accuracy,
                         exact_match: Spread::of(&exact),
+                        steps_done: Spread::of(&steps),
                     });
                 }
             }
@@ -504,15 +550,19 @@ impl AblationResults {
     /// `results.csv`: one line per [`ResultRow`].
     pub fn csv(&self) -> String {
         let mut out = String::from(
-            "variant,attention,task,prompt,tokens,seeds,loss_mean,loss_sd,accuracy_mean,accuracy_sd,exact_match_mean,exact_match_sd\n",
+            "variant,attention,task,prompt,tokens,seeds,loss_mean,loss_sd,accuracy_mean,accuracy_sd,exact_match_mean,exact_match_sd,steps_done_mean,steps_done_sd\n",
         );
         for r in self.rows() {
-            let (em, em_sd) = r.exact_match.map_or((String::new(), String::new()), |s| {
-                (format!("{:.4}", s.mean), format!("{:.4}", s.sd))
-            });
+            let cells = |x: Option<Spread>| {
+                x.map_or((String::new(), String::new()), |s| {
+                    (format!("{:.4}", s.mean), format!("{:.4}", s.sd))
+                })
+            };
+            let (em, em_sd) = cells(r.exact_match);
+            let (st, st_sd) = cells(r.steps_done);
             let _ = writeln!(
                 out,
-                "{},{},\"{}\",{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{em},{em_sd}",
+                "{},{},\"{}\",{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{em},{em_sd},{st},{st_sd}",
                 r.variant.name(),
                 r.attention,
                 r.task.replace('"', "\"\""),
@@ -617,6 +667,32 @@ impl AblationResults {
             let mean = Spread::of(&gaps).map_or("–".to_string(), |s| format!("{:+.3}", s.mean));
             let _ = writeln!(out, " {mean} |");
         }
+        if rows.iter().any(|r| r.steps_done.is_some()) {
+            self.table_head(
+                &mut out,
+                "\n## Every step done, chained instructions under the default prompt (task prompt)",
+                "mean default",
+            );
+            for ((variant, attention), _) in self.groups() {
+                let a = attention_name(attention);
+                let _ = write!(out, "| {} |", group_label(variant, attention));
+                let mut defaults = Vec::new();
+                for t in &self.tasks {
+                    let cell = |p| {
+                        find(variant, a, t, p)
+                            .and_then(|r| r.steps_done)
+                            .map_or("–".to_string(), |s| s.show(100.0, 1))
+                    };
+                    if let Some(s) = find(variant, a, t, "default").and_then(|r| r.steps_done) {
+                        defaults.push(s.mean);
+                    }
+                    let _ = write!(out, " {} ({}) |", cell("default"), cell("task"));
+                }
+                let mean = Spread::of(&defaults)
+                    .map_or("–".to_string(), |s| format!("{:.1}", s.mean * 100.0));
+                let _ = writeln!(out, " {mean} |");
+            }
+        }
         out
     }
 }
@@ -695,6 +771,8 @@ mod tests {
             generated: 4,
             tokens: 10,
             sample: None,
+            steps_done: None,
+            steps_tried: 0,
         })
     }
 
@@ -839,5 +917,51 @@ mod tests {
             "moi-first-default".parse::<Variant>(),
             Ok(Variant::MoiFirstDefault)
         );
+    }
+
+    #[test]
+    fn sit_and_phased_variants_change_only_their_own_settings() {
+        let plan = AblationPlan {
+            variants: vec![
+                Variant::Moi,
+                Variant::Sit,
+                Variant::Phased,
+                Variant::PhasedRandom,
+            ],
+            attentions: vec![AttentionLayout::Chunk],
+            tokens: 50_000,
+            seeds: vec![1],
+            evals: 2,
+            model: "tiny".into(),
+        };
+        let mut base = Project::default();
+        base.tasks = vec![crate::core::project::Task::new(
+            "math",
+            "You are a mathematician.",
+        )];
+        let runs = plan.runs();
+        let projects: Vec<Project> = runs.iter().map(|k| plan.project_for(&base, k)).collect();
+        // Every run is asked chained instructions at evaluation; only `sit` trains on them.
+        for p in &projects {
+            assert_eq!(p.tasks[0].sit.steps, crate::core::sit::default_templates());
+            assert_eq!(p.packing.mode, PackMode::Moi);
+        }
+        let shares: Vec<f64> = projects.iter().map(|p| p.tasks[0].sit.share).collect();
+        assert_eq!(shares, vec![0.0, SIT_SHARE, 0.0, 0.0]);
+        let phases: Vec<(u32, bool)> = projects
+            .iter()
+            .map(|p| (p.training.phases.count, p.training.phases.random))
+            .collect();
+        assert_eq!(phases, vec![(1, false), (1, false), (3, false), (3, true)]);
+        assert_eq!(runs[3].dir_name(), "phased-random-chunk-s1");
+        assert_eq!("sit".parse::<Variant>(), Ok(Variant::Sit));
+        // A plan without `sit` asks nothing chained.
+        let plain = AblationPlan {
+            variants: vec![Variant::Moi, Variant::Phased],
+            ..plan
+        };
+        let p = plain.project_for(&base, &plain.runs()[1]);
+        assert!(p.tasks[0].sit.steps.is_empty());
+        assert_eq!(p.training.phases.count, 3);
     }
 }

@@ -139,7 +139,13 @@ pub fn load_task(
     let mut sources = Vec::with_capacity(task.sources.len());
     for (i, source) in task.sources.iter().enumerate() {
         let path = project.resolve(&source.path);
-        let options = Project::import_options(source, i as u32);
+        let mut options = Project::import_options(source, i as u32);
+        options.score_field = project
+            .training
+            .phases
+            .difficulty
+            .column()
+            .map(str::to_string);
         let outcome = import_file(&path, &options, &mut |r| records.push(r), &mut |bytes| {
             progress(LoadProgress {
                 task: task_index,
@@ -197,6 +203,7 @@ mod tests {
                     source: 0,
                     line: i as u64 + 1,
                 },
+                score: None,
             })
             .collect();
         TaskData {
@@ -228,5 +235,37 @@ mod tests {
         assert_eq!(d.name, "arithmetic");
         assert!(!d.resplit(&task, 9));
         assert_eq!(d.eval_records_for(&task, 9).len(), 10);
+    }
+
+    #[test]
+    fn a_difficulty_column_is_read_into_each_records_score() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("graded.jsonl");
+        std::fs::write(
+            &file,
+            concat!(
+                "{\"instruction\": \"a\", \"output\": \"x\", \"level\": 3}\n",
+                "{\"instruction\": \"b\", \"output\": \"y\", \"level\": \"1.5\"}\n",
+                "{\"instruction\": \"c\", \"output\": \"z\"}\n",
+            ),
+        )
+        .unwrap();
+        let mut project = Project::default();
+        project.base_dir = dir.path().to_path_buf();
+        let mut task = Task::new("graded", "You are graded.");
+        task.sources
+            .push(crate::core::project::Source::new("graded.jsonl"));
+        project.tasks.push(task.clone());
+        let scores = |p: &Project| -> Vec<Option<f64>> {
+            load_task(p, 0, &task, &mut |_| {})
+                .records
+                .iter()
+                .map(|r| r.score)
+                .collect()
+        };
+        assert_eq!(scores(&project), vec![None, None, None], "not asked for");
+        project.training.phases.difficulty =
+            crate::core::phases::Difficulty::Column("level".into());
+        assert_eq!(scores(&project), vec![Some(3.0), Some(1.5), None]);
     }
 }

@@ -151,6 +151,17 @@ pub struct EvalMetrics {
     /// The first generated answer, to show what the model says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample: Option<String>,
+    /// Share of held-out records asked as chained instructions whose answer did every step
+    /// (tasks with step templates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_done: Option<f64>,
+    /// Chained items answered for `steps_done`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub steps_tried: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Everything a worker reports, in order.
@@ -197,6 +208,30 @@ pub enum TrainEvent {
     Log {
         /// The text.
         message: String,
+    },
+    /// How a phased run scored its records and cut them into phases (before the first step).
+    Difficulty(crate::core::phases::DifficultyReport),
+    /// A phase of a phased run began.
+    PhaseStarted {
+        /// Which, from 1.
+        phase: u32,
+        /// Phases in the run.
+        phases: u32,
+        /// Steps done before it.
+        step: u64,
+        /// Non-padding tokens trained on before it.
+        tokens: u64,
+        /// Training records in it.
+        records: u64,
+    },
+    /// A phase of a phased run ended.
+    PhaseEnded {
+        /// Which, from 1.
+        phase: u32,
+        /// Its last step.
+        step: u64,
+        /// Non-padding tokens trained on by then.
+        tokens: u64,
     },
     /// The run reached its end.
     Finished {
@@ -445,6 +480,8 @@ mod tests {
             items: 10,
             generated: 0,
             sample: None,
+            steps_done: None,
+            steps_tried: 0,
             tokens: 400,
         });
         let line = serde_json::to_string(&e).unwrap();

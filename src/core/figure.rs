@@ -210,6 +210,8 @@ mod tests {
                                 generated: 4,
                                 tokens: 10,
                                 sample: None,
+                                steps_done: None,
+                                steps_tried: 0,
                             }),
                             &mut at,
                         );

@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::core::bpe::train_bpe;
+use crate::core::chains::{compose_task, template_text};
 use crate::core::dataset::TaskData;
 use crate::core::packing::{
     ChunkMix, OverlongCounts, PackMode, PackPlan, PackSettings, PackedRow, SampleInfo,
@@ -15,9 +16,10 @@ use crate::core::packing::{
     trained_in_row,
 };
 use crate::core::project::Project;
-use crate::core::record::Origin;
+use crate::core::record::{Origin, Record};
 use crate::core::sampling::{MixturePreview, SampleRef, TaskSize, sample_epoch};
 use crate::core::settings::MixSettings;
+use crate::core::sit::Composed;
 use crate::core::template::{ChatTemplate, TemplateChoice};
 use crate::core::tokenize::{LabelOptions, conversation, tokenize_prefix, tokenize_records};
 
@@ -72,6 +74,7 @@ pub fn load_tokenizer(
                             .join("\n")
                     })
                 })
+                .chain(template_text(project))
                 .chain(std::iter::once(project.default_system_prompt.clone()))
                 .collect();
             train_bpe(texts.into_iter(), BUILTIN_VOCAB).map_err(MixError::Tokenizer)
@@ -116,6 +119,8 @@ pub struct PreparedTask {
     pub failed: Vec<(Origin, String)>,
     /// Sampling weight.
     pub weight: f64,
+    /// For each sample, the step template it was composed with (sequential instructions).
+    pub composed: Vec<Option<u32>>,
 }
 
 impl PreparedTask {
@@ -144,10 +149,16 @@ impl Prepared {
         labels: LabelOptions,
     ) -> Result<Self, MixError> {
         let mut tasks = Vec::with_capacity(project.tasks.len());
-        for (task, d) in project.tasks.iter().zip(data) {
+        for (ti, (task, d)) in project.tasks.iter().zip(data).enumerate() {
             let split = d.eval_split(task, project.seed);
             let train: Vec<usize> = (0..d.records.len()).filter(|&i| !split[i]).collect();
-            let records: Vec<_> = train.iter().map(|&i| &d.records[i]).collect();
+            // A share of the records trains as chained instructions (SIT).
+            let composed: std::collections::HashMap<usize, Composed> =
+                compose_task(project, data, ti, false).into_iter().collect();
+            let records: Vec<&Record> = train
+                .iter()
+                .map(|&i| composed.get(&i).map_or(&d.records[i], |c| &c.record))
+                .collect();
             let results = tokenize_records(
                 tokenizer,
                 template,
@@ -163,6 +174,7 @@ impl Prepared {
                 record_index: Vec::with_capacity(records.len()),
                 failed: Vec::new(),
                 weight: task.weight,
+                composed: Vec::with_capacity(records.len()),
             };
             for ((record, &index), result) in records.iter().zip(&train).zip(results) {
                 match result {
@@ -170,6 +182,9 @@ impl Prepared {
                         prepared.samples.push(s);
                         prepared.origins.push(record.origin);
                         prepared.record_index.push(index);
+                        prepared
+                            .composed
+                            .push(composed.get(&index).map(|c| c.template as u32));
                     }
                     Err(e) => prepared.failed.push((record.origin, e.to_string())),
                 }
@@ -191,6 +206,32 @@ impl Prepared {
         let template = load_template(project, &project.mixing)?;
         let prepared = Self::build(project, data, &tokenizer, &template, project.mixing.labels)?;
         Ok((tokenizer, prepared))
+    }
+
+    /// The samples `keep(task, sample)` says yes to, every task kept (possibly empty): one
+    /// phase of a phased run.
+    pub fn subset(&self, keep: &dyn Fn(usize, usize) -> bool) -> Self {
+        let tasks = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(ti, t)| {
+                let idx: Vec<usize> = (0..t.samples.len()).filter(|&i| keep(ti, i)).collect();
+                PreparedTask {
+                    name: t.name.clone(),
+                    samples: idx.iter().map(|&i| t.samples[i].clone()).collect(),
+                    origins: idx.iter().map(|&i| t.origins[i]).collect(),
+                    record_index: idx.iter().map(|&i| t.record_index[i]).collect(),
+                    failed: Vec::new(),
+                    weight: t.weight,
+                    composed: idx.iter().map(|&i| t.composed[i]).collect(),
+                }
+            })
+            .collect();
+        Self {
+            tasks,
+            prefix: self.prefix.clone(),
+        }
     }
 
     /// Checks the default-prompt prefix leaves room in a row: it may take at most half of it.
@@ -423,7 +464,13 @@ pub fn row_text(row: &PackedRow, tokenizer: &Tokenizer, prepared: &Prepared) -> 
                     .record
                     .and_then(|r| task.origins.get(r as usize))
                     .map_or(0, |o| o.line);
-                format!("⟦{} line {line}, chunk {}⟧", task.name, seg.chunk)
+                let steps = seg
+                    .record
+                    .and_then(|r| task.composed.get(r as usize).copied().flatten())
+                    .map_or(String::new(), |k| {
+                        format!(", chained (step template {})", k + 1)
+                    });
+                format!("⟦{} line {line}, chunk {}{steps}⟧", task.name, seg.chunk)
             }
             (SegmentKind::Instruction, None) => "⟦?⟧".to_string(),
         };

@@ -3,6 +3,7 @@
 
 pub mod ablation;
 pub mod bpe;
+pub mod chains;
 pub mod dataset;
 pub mod eval;
 pub mod events;
@@ -12,12 +13,14 @@ pub mod import;
 pub mod metrics;
 pub mod mixing;
 pub mod packing;
+pub mod phases;
 pub mod presets;
 pub mod project;
 pub mod record;
 pub mod runs;
 pub mod sampling;
 pub mod settings;
+pub mod sit;
 pub mod split;
 pub mod synth;
 pub mod template;

@@ -11,6 +11,7 @@ use crate::core::import::{ColumnMapping, Format, ImportOptions};
 use crate::core::packing::PackSettings;
 use crate::core::record::SystemRule;
 use crate::core::settings::MixSettings;
+use crate::core::sit::SitSettings;
 use crate::core::train_settings::TrainSettings;
 
 /// The project-file layout this build writes.
@@ -90,6 +91,9 @@ pub struct Task {
     /// The files the task's records come from.
     #[serde(default)]
     pub sources: Vec<Source>,
+    /// Sequential instructions: the share composed into chains and the step templates.
+    #[serde(default, skip_serializing_if = "SitSettings::is_default")]
+    pub sit: SitSettings,
 }
 
 impl Task {
@@ -104,6 +108,7 @@ impl Task {
             answer_check: AnswerCheck::None,
             max_new_tokens: default_max_new_tokens(),
             sources: Vec::new(),
+            sit: SitSettings::default(),
         }
     }
 }
@@ -334,6 +339,25 @@ impl Project {
                     "{which}: max_new_tokens must be at least 1"
                 )));
             }
+            task.sit
+                .validate()
+                .map_err(|why| invalid(format!("{which}: {why}")))?;
+        }
+        let phases = &self.training.phases;
+        if phases
+            .difficulty
+            .column()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err(invalid(
+                "training.phases: difficulty column:NAME needs a column name".to_string(),
+            ));
+        }
+        if phases.count == 0 || phases.count > 10 {
+            return Err(invalid(format!(
+                "training.phases: count {} must be between 1 and 10",
+                phases.count
+            )));
         }
         let lora = &self.training.lora;
         if lora.enabled && (lora.rank == 0 || lora.targets.is_empty()) {

@@ -61,7 +61,7 @@ pub struct Origin {
 ///
 /// Invariants kept by the importers: no system role inside `turns`; at least one user turn and at
 /// least one assistant turn with text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// The record's own system message, if it carries one.
     pub system: Option<String>,
@@ -69,6 +69,10 @@ pub struct Record {
     pub turns: Vec<Turn>,
     /// Where the record was read from.
     pub origin: Origin,
+    /// A difficulty score read from a numeric column of the source, when the project's phased
+    /// training asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
 }
 
 impl Record {

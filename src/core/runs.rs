@@ -20,6 +20,10 @@ pub struct TaskCurves {
     pub exact_task: Series,
     /// Exact match under the default prompt.
     pub exact_default: Series,
+    /// Chained instructions with every step done, under the task's own prompt.
+    pub steps_task: Series,
+    /// Chained instructions with every step done, under the default prompt.
+    pub steps_default: Series,
 }
 
 /// Everything a run has reported, ready to plot.
@@ -51,6 +55,10 @@ pub struct RunHistory {
     pub ending: Option<TrainEvent>,
     /// Log lines, oldest first (the last 200).
     pub log: Vec<String>,
+    /// A phased run's phases: (phase from 1, the step it began after), in order.
+    pub phase_starts: Vec<(u32, u64)>,
+    /// A phased run's difficulty scores and cut points.
+    pub difficulty: Option<crate::core::phases::DifficultyReport>,
 }
 
 impl RunHistory {
@@ -91,6 +99,12 @@ impl RunHistory {
                 if let Some(em) = e.exact_match {
                     exact.push(x, em);
                 }
+                if let Some(done) = e.steps_done {
+                    match e.prompt {
+                        PromptKind::Task => curves.steps_task.push(x, done),
+                        PromptKind::Default => curves.steps_default.push(x, done),
+                    }
+                }
                 self.latest_eval
                     .retain(|m| !(m.task == e.task && m.prompt == e.prompt));
                 self.latest_eval.push(e.clone());
@@ -101,7 +115,15 @@ impl RunHistory {
                     self.log.remove(0);
                 }
             }
-            TrainEvent::Checkpoint { .. } | TrainEvent::Generated { .. } => {}
+            TrainEvent::Difficulty(d) => self.difficulty = Some(d.clone()),
+            TrainEvent::PhaseStarted { phase, step, .. } => {
+                // A resumed run may announce a phase again.
+                self.phase_starts.retain(|(p, _)| p < phase);
+                self.phase_starts.push((*phase, *step));
+            }
+            TrainEvent::Checkpoint { .. }
+            | TrainEvent::Generated { .. }
+            | TrainEvent::PhaseEnded { .. } => {}
             TrainEvent::Finished { .. }
             | TrainEvent::Stopped { .. }
             | TrainEvent::Failed { .. } => {
@@ -211,6 +233,8 @@ mod tests {
             items: 4,
             generated: 4,
             sample: None,
+            steps_done: None,
+            steps_tried: 0,
             tokens: 100,
         })
     }

@@ -204,6 +204,7 @@ mod tests {
                 Turn::new(Role::Assistant, "8"),
             ],
             origin: Origin { source: 0, line: 1 },
+            score: None,
         }
     }
 

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::core::phases::PhaseSettings;
+
 /// Optimizer settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -114,6 +116,9 @@ pub struct TrainSettings {
     pub tiny: TinySize,
     /// Fused kernels or the composite ops.
     pub kernels: Kernels,
+    /// Difficulty-phased training (one phase: off).
+    #[serde(skip_serializing_if = "PhaseSettings::is_off")]
+    pub phases: PhaseSettings,
 }
 
 /// Overrides of the built-in tiny model's size (`[training.tiny]`); absent fields keep the
@@ -238,6 +243,7 @@ impl Default for TrainSettings {
             lora: LoraSettings::default(),
             tiny: TinySize::default(),
             kernels: Kernels::Fused,
+            phases: PhaseSettings::default(),
         }
     }
 }

@@ -6,12 +6,14 @@
 use candle_core::{D, DType, Tensor};
 use tokenizers::Tokenizer;
 
+use crate::core::chains::compose_task;
 use crate::core::dataset::TaskData;
 use crate::core::eval::AnswerCheck;
 use crate::core::events::{EvalMetrics, PromptKind};
 use crate::core::packing::{IGNORE_INDEX, SampleTokens};
 use crate::core::project::Project;
 use crate::core::record::{Role, SystemRule};
+use crate::core::sit::{Composed, every_step_done};
 use crate::core::template::{ChatMessage, ChatTemplate};
 use crate::core::tokenize::{LabelOptions, conversation, tokenize_messages};
 use crate::train::model::{Decoder, attention_mask};
@@ -27,6 +29,17 @@ pub struct EvalItem {
     pub reference: String,
 }
 
+/// A held-out record asked as a chained instruction (SeqEval), under one prompt kind.
+#[derive(Debug, Clone)]
+pub struct StepItem {
+    /// The chained request with the generation prompt.
+    pub prompt: Vec<u32>,
+    /// The parts the answer must hold, in order.
+    pub parts: Vec<String>,
+    /// Longest answer: the reference's length with room.
+    pub max_new_tokens: usize,
+}
+
 /// A task's held-out items under both prompt kinds.
 #[derive(Debug, Clone)]
 pub struct EvalTask {
@@ -38,6 +51,8 @@ pub struct EvalTask {
     pub max_new_tokens: usize,
     /// Items under the task's prompt, then under the default prompt.
     pub items: [Vec<EvalItem>; 2],
+    /// Chained-instruction items (tasks with step templates), in the same order.
+    pub steps: [Vec<StepItem>; 2],
 }
 
 /// Everything evaluation needs, built once per run.
@@ -71,8 +86,31 @@ impl EvalSet {
         max_len: usize,
     ) -> Self {
         let mut tasks = Vec::new();
-        for (task, d) in project.tasks.iter().zip(data) {
+        for (ti, (task, d)) in project.tasks.iter().zip(data).enumerate() {
             let mut items: [Vec<EvalItem>; 2] = [Vec::new(), Vec::new()];
+            let mut steps: [Vec<StepItem>; 2] = [Vec::new(), Vec::new()];
+            if generate > 0 {
+                // The first `generate` chained records that fit the model's context under both
+                // prompt kinds.
+                for (_, composed) in compose_task(project, data, ti, true) {
+                    if steps[0].len() >= generate {
+                        break;
+                    }
+                    let both: Option<Vec<StepItem>> = PROMPT_KINDS
+                        .iter()
+                        .map(|kind| {
+                            step_item(
+                                tokenizer, template, project, task, *kind, &composed, max_len,
+                            )
+                        })
+                        .collect();
+                    if let Some(both) = both {
+                        for (item, out) in both.into_iter().zip(steps.iter_mut()) {
+                            out.push(item);
+                        }
+                    }
+                }
+            }
             for record in d
                 .eval_records_for(task, project.seed)
                 .into_iter()
@@ -110,6 +148,7 @@ impl EvalSet {
                     check: task.answer_check,
                     max_new_tokens: task.max_new_tokens,
                     items,
+                    steps,
                 });
             }
         }
@@ -139,6 +178,36 @@ impl EvalSet {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// A composed held-out record as a generation prompt under `kind`, with its step check.
+fn step_item(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    project: &Project,
+    task: &crate::core::project::Task,
+    kind: PromptKind,
+    composed: &Composed,
+    max_len: usize,
+) -> Option<StepItem> {
+    let mut messages = match kind {
+        PromptKind::Task => conversation(&composed.record, &task.system_prompt, task.system_rule),
+        PromptKind::Default => conversation(
+            &composed.record,
+            &project.default_system_prompt,
+            SystemRule::Replace,
+        ),
+    };
+    let answer = messages.pop()?;
+    let text = template.render(&messages, true).ok()?;
+    let prompt = tokenizer.encode(text, false).ok()?.get_ids().to_vec();
+    let answer_tokens = tokenizer.encode(answer.content, false).ok()?.len();
+    let max_new_tokens = answer_tokens + answer_tokens / 4 + 4;
+    (prompt.len() + max_new_tokens <= max_len).then_some(StepItem {
+        prompt,
+        parts: composed.parts.clone(),
+        max_new_tokens,
+    })
 }
 
 fn eval_item(
@@ -172,12 +241,44 @@ fn score_items(
     items: &[EvalItem],
     budget: usize,
 ) -> candle_core::Result<(f64, u64, u64)> {
+    let samples: Vec<&SampleTokens> = items.iter().map(|i| &i.tokens).collect();
+    let per = score_samples(model, &samples, budget)?;
+    Ok(per.iter().fold((0.0, 0, 0), |(l, t, c), s| {
+        (l + s.loss_sum, t + s.tokens, c + s.correct)
+    }))
+}
+
+/// One sample's summed answer-token loss, answer tokens and tokens predicted exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SampleScore {
+    /// Summed next-token loss over the answer tokens.
+    pub loss_sum: f64,
+    /// Answer tokens.
+    pub tokens: u64,
+    /// Answer tokens the greedy prediction got right.
+    pub correct: u64,
+}
+
+impl SampleScore {
+    /// Mean loss per answer token (0 without answer tokens).
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.tokens.max(1) as f64
+    }
+}
+
+/// Scores every sample on its own (no packing), a few at a time within `budget` tokens per
+/// forward pass; forward only, nothing kept for a backward pass.
+pub fn score_samples(
+    model: &Decoder,
+    samples: &[&SampleTokens],
+    budget: usize,
+) -> candle_core::Result<Vec<SampleScore>> {
     let device = model.device().clone();
-    let (mut loss, mut tokens, mut correct) = (0f64, 0u64, 0u64);
-    for chunk in token_batches(items, budget) {
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in token_batches(samples, budget) {
         let t = chunk
             .iter()
-            .map(|i| i.tokens.input_ids.len())
+            .map(|i| i.input_ids.len())
             .max()
             .unwrap_or(0)
             .max(2);
@@ -188,71 +289,80 @@ fn score_items(
         let mut targets = vec![0u32; b * (t - 1)];
         let mut weights = vec![0f32; b * (t - 1)];
         for (r, item) in chunk.iter().enumerate() {
-            let n = item.tokens.input_ids.len();
-            ids[r * t..r * t + n].copy_from_slice(&item.tokens.input_ids);
+            let n = item.input_ids.len();
+            ids[r * t..r * t + n].copy_from_slice(&item.input_ids);
             for (j, p) in pos[r * t..r * t + n].iter_mut().enumerate() {
                 *p = j as u32;
             }
             segs[r][..n].fill(1);
             for j in 1..n {
-                let label = item.tokens.labels[j];
+                let label = item.labels[j];
                 if label != IGNORE_INDEX {
                     targets[r * (t - 1) + j - 1] = label as u32;
                     weights[r * (t - 1) + j - 1] = 1.0;
                 }
             }
         }
-        let input = Tensor::from_vec(ids, (b, t), &device)?;
-        let positions = Tensor::from_vec(pos, (b, t), &device)?;
-        let mask = attention_mask(&segs, t, &device)?;
+        let mut scores = vec![SampleScore::default(); b];
         // Logits only where an answer token is scored: the head is the costliest layer of a
         // small model, and most of an eval item is its prompt.
         let at: Vec<usize> = (0..weights.len()).filter(|&k| weights[k] > 0.0).collect();
-        let rows: Vec<u32> = at
-            .iter()
-            .map(|&k| crate::train::kernels::next_token_row(k, t) as u32)
-            .collect();
-        let picked_targets: Vec<u32> = at.iter().map(|&k| targets[k]).collect();
         let n = at.len();
-        if n == 0 {
-            continue;
+        if n > 0 {
+            let input = Tensor::from_vec(ids, (b, t), &device)?;
+            let positions = Tensor::from_vec(pos, (b, t), &device)?;
+            let mask = attention_mask(&segs, t, &device)?;
+            let rows: Vec<u32> = at
+                .iter()
+                .map(|&k| crate::train::kernels::next_token_row(k, t) as u32)
+                .collect();
+            let picked_targets: Vec<u32> = at.iter().map(|&k| targets[k]).collect();
+            let hidden = model.hidden(&input, &positions, &mask)?.detach();
+            let logits = model
+                .head_at(&hidden, &Tensor::from_vec(rows, n, &device)?)?
+                .detach();
+            let targets = Tensor::from_vec(picked_targets.clone(), n, &device)?;
+            let picked = if model.fused() {
+                crate::train::kernels::next_token_log_probs(
+                    &logits,
+                    std::sync::Arc::new(picked_targets),
+                )?
+            } else {
+                candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?
+                    .gather(&targets.unsqueeze(1)?, 1)?
+                    .squeeze(1)?
+            };
+            let picked = picked.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let hits = logits
+                .argmax(D::Minus1)?
+                .eq(&targets)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for ((&k, lp), hit) in at.iter().zip(&picked).zip(&hits) {
+                let s = &mut scores[k / (t - 1)];
+                s.loss_sum -= f64::from(*lp);
+                s.tokens += 1;
+                s.correct += u64::from(*hit > 0.5);
+            }
         }
-        let hidden = model.hidden(&input, &positions, &mask)?.detach();
-        let logits = model
-            .head_at(&hidden, &Tensor::from_vec(rows, n, &device)?)?
-            .detach();
-        let targets = Tensor::from_vec(picked_targets.clone(), n, &device)?;
-        let picked = if model.fused() {
-            crate::train::kernels::next_token_log_probs(
-                &logits,
-                std::sync::Arc::new(picked_targets),
-            )?
-        } else {
-            candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?
-                .gather(&targets.unsqueeze(1)?, 1)?
-                .squeeze(1)?
-        };
-        loss -= f64::from(picked.sum_all()?.to_scalar::<f32>()?);
-        let hits = logits
-            .argmax(D::Minus1)?
-            .eq(&targets)?
-            .to_dtype(DType::F32)?;
-        correct += hits.sum_all()?.to_scalar::<f32>()? as u64;
-        tokens += n as u64;
+        out.extend(scores);
     }
-    Ok((loss, tokens, correct))
+    Ok(out)
 }
 
 /// Consecutive runs of `items` whose rows, padded to the longest, hold at most `budget` tokens
 /// (one item at least).
-fn token_batches(items: &[EvalItem], budget: usize) -> Vec<&[EvalItem]> {
+fn token_batches<'a, 'b>(
+    items: &'a [&'b SampleTokens],
+    budget: usize,
+) -> Vec<&'a [&'b SampleTokens]> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < items.len() {
         let mut end = start + 1;
-        let mut longest = items[start].tokens.input_ids.len();
+        let mut longest = items[start].input_ids.len();
         while end < items.len() {
-            let l = longest.max(items[end].tokens.input_ids.len());
+            let l = longest.max(items[end].input_ids.len());
             if l * (end + 1 - start) > budget {
                 break;
             }
@@ -296,6 +406,23 @@ fn exact_match(
     Ok((tried > 0).then(|| (passed as f64 / tried as f64, tried, first)))
 }
 
+/// Greedy answers to the chained items; the share with every step done.
+fn steps_done(
+    model: &Decoder,
+    set: &EvalSet,
+    items: &[StepItem],
+) -> candle_core::Result<Option<(f64, usize)>> {
+    let mut passed = 0usize;
+    for item in items {
+        let out = model.generate(&item.prompt, item.max_new_tokens, &set.stop, 0.0, 0)?;
+        let text = set.tokenizer.decode(&out, true).unwrap_or_default();
+        if every_step_done(&text, &item.parts) {
+            passed += 1;
+        }
+    }
+    Ok((!items.is_empty()).then(|| (passed as f64 / items.len() as f64, items.len())))
+}
+
 /// Evaluates every task under both prompt kinds at `step`. `keep_going` is asked between
 /// tasks; when it says no, the results so far are returned.
 pub fn evaluate(
@@ -309,13 +436,14 @@ pub fn evaluate(
         if !keep_going() {
             break;
         }
-        for (kind, items) in PROMPT_KINDS.iter().zip(&task.items) {
+        for ((kind, items), chained) in PROMPT_KINDS.iter().zip(&task.items).zip(&task.steps) {
             if items.is_empty() {
                 continue;
             }
             let (loss_sum, tokens, correct) = score_items(model, items, set.batch_tokens)?;
             let loss = loss_sum / tokens.max(1) as f64;
             let em = exact_match(model, set, items, task.check, task.max_new_tokens)?;
+            let steps = steps_done(model, set, chained)?;
             out.push(EvalMetrics {
                 step,
                 task: task.name.clone(),
@@ -328,6 +456,8 @@ pub fn evaluate(
                 generated: em.as_ref().map_or(0, |(_, n, _)| *n),
                 tokens,
                 sample: em.map(|(_, _, text)| text),
+                steps_done: steps.map(|(share, _)| share),
+                steps_tried: steps.map_or(0, |(_, n)| n),
             });
         }
     }
@@ -426,6 +556,8 @@ mod tests {
             generated: 0,
             tokens: 1,
             sample: None,
+            steps_done: None,
+            steps_tried: 0,
         };
         let results = [
             m("a", PromptKind::Task, 1.0),

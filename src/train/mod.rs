@@ -14,6 +14,7 @@ pub mod load;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod phased;
 pub mod score;
 pub mod tiny;
 pub mod trainer;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::events::{EventSender, StepMetrics, TrainCommand, TrainEvent};
 use crate::core::mixing::Prepared;
 use crate::core::packing::{PackPlan, PackSettings};
+use crate::core::phases::PhaseSchedule;
 use crate::core::settings::MixSettings;
 pub use crate::core::train_settings::TrainSettings;
 use crate::train::batch::{StepNorm, TaskLossSums, batch_loss_parts, make_step_batch};
@@ -43,6 +44,32 @@ pub struct TrainerState {
     /// Non-padding tokens trained on so far.
     #[serde(default)]
     pub tokens: u64,
+    /// The phase the run is in (phased training; 0 otherwise).
+    #[serde(default)]
+    pub phase: u32,
+    /// Steps done when that phase began.
+    #[serde(default)]
+    pub phase_step0: u64,
+}
+
+/// A phased run's data: the training samples of each phase, easiest first.
+#[derive(Debug, Clone)]
+pub struct Phases {
+    /// Each phase's samples.
+    pub parts: Vec<Prepared>,
+    /// What the learning rate does at a boundary.
+    pub schedule: PhaseSchedule,
+}
+
+/// Where a phase ends, counted from the run's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseSpan {
+    /// Steps the phase plans.
+    pub steps: u64,
+    /// Steps done by its end.
+    pub end_step: u64,
+    /// Tokens trained on by its end, for a token budget.
+    pub end_tokens: Option<u64>,
 }
 
 /// Everything a run needs.
@@ -67,6 +94,25 @@ pub struct TrainJob<'a> {
     pub eval: Option<&'a EvalSet>,
     /// Tokenizer and template for answering prompts mid-run, if wanted.
     pub chat: Option<&'a Chat<'a>>,
+    /// Phases to train one after the other, if the run is phased.
+    pub phases: Option<&'a Phases>,
+}
+
+impl TrainJob<'_> {
+    /// The samples phase `phase` trains on (all of them when the run is not phased).
+    fn part(&self, phase: u32) -> &Prepared {
+        match self.phases {
+            Some(p) => &p.parts[(phase as usize).min(p.parts.len().saturating_sub(1))],
+            None => self.prepared,
+        }
+    }
+
+    /// Samples and packs one epoch of one phase.
+    fn pack_epoch(&self, phase: u32, epoch: u32) -> PackPlan {
+        let seed = self.seed ^ (u64::from(phase) << 40);
+        self.part(phase)
+            .pack_epoch(self.mix, self.pack, seed, epoch)
+    }
 }
 
 /// How a run ended.
@@ -80,33 +126,90 @@ pub enum Ending {
     EarlyStopped,
 }
 
-/// Rows per epoch, for planning the total step count.
-fn rows_in_epoch(job: &TrainJob, epoch: u32) -> usize {
-    job.prepared
-        .pack_epoch(job.mix, job.pack, job.seed, epoch)
-        .rows
-        .len()
-}
-
-/// Steps the run plans: for a token budget, the steps that hold it at the first epoch's tokens
-/// per step; else `max_steps`, or every epoch's rows.
-pub fn planned_steps(job: &TrainJob) -> u64 {
+/// Steps one phase (or the whole run) plans: for a token budget, the steps that hold it at the
+/// first epoch's tokens per step; else `max_steps`, or every epoch's rows.
+fn steps_for(job: &TrainJob, phase: u32, budget: Option<u64>, max_steps: Option<u64>) -> u64 {
     let per_step = (job.train.batch_rows * job.train.grad_accum).max(1);
-    if let Some(budget) = job.train.max_tokens {
-        let plan = job.prepared.pack_epoch(job.mix, job.pack, job.seed, 0);
+    let part = job.part(phase);
+    if let Some(budget) = budget {
+        let plan = job.pack_epoch(phase, 0);
         let tokens: u64 = (0..plan.rows.len())
-            .map(|i| job.prepared.row(&plan, i, job.pack).input_ids.len() as u64)
+            .map(|i| part.row(&plan, i, job.pack).input_ids.len() as u64)
             .sum();
         let steps = plan.rows.len().div_ceil(per_step).max(1) as u64;
         let per = (tokens / steps).max(1);
         return budget.div_ceil(per).max(1);
     }
-    if let Some(s) = job.train.max_steps {
+    if let Some(s) = max_steps {
         return s;
     }
     (0..job.mix.epochs.max(1))
-        .map(|e| rows_in_epoch(job, e).div_ceil(per_step) as u64)
-        .sum()
+        .map(|e| job.pack_epoch(phase, e).rows.len().div_ceil(per_step) as u64)
+        .sum::<u64>()
+        .max(1)
+}
+
+/// Where each phase ends. A token budget or a step limit is shared out in proportion to the
+/// phases' tokens (the last phase takes what rounding leaves); otherwise each phase trains the
+/// mixing epochs over its own records.
+pub fn phase_spans(job: &TrainJob) -> Vec<PhaseSpan> {
+    let Some(phases) = job.phases else {
+        let steps = steps_for(job, 0, job.train.max_tokens, job.train.max_steps);
+        return vec![PhaseSpan {
+            steps,
+            end_step: steps,
+            end_tokens: job.train.max_tokens,
+        }];
+    };
+    let n = phases.parts.len() as u32;
+    let tokens: Vec<u64> = phases
+        .parts
+        .iter()
+        .map(|p| p.tasks.iter().map(|t| t.tokens()).sum())
+        .collect();
+    // The part of `total` phase `p` takes: the rounding of the cumulative shares, so the
+    // parts add up to `total` (u128: a budget times a corpus's tokens overflows u64).
+    let cumulative = |total: u64, weights: &[u64], upto: usize| -> u64 {
+        let all = weights.iter().sum::<u64>().max(1) as u128;
+        let before: u128 = weights[..upto].iter().map(|&w| w as u128).sum();
+        (total as u128 * before / all) as u64
+    };
+    let share = |total: u64, weights: &[u64], p: usize| -> u64 {
+        if p + 1 == weights.len() {
+            total - cumulative(total, weights, p)
+        } else {
+            cumulative(total, weights, p + 1) - cumulative(total, weights, p)
+        }
+    };
+    let natural: Vec<u64> = (0..n).map(|p| steps_for(job, p, None, None)).collect();
+    let mut out = Vec::with_capacity(n as usize);
+    let (mut end_step, mut end_tokens) = (0u64, 0u64);
+    for p in 0..n {
+        let (steps, budget) = match (job.train.max_tokens, job.train.max_steps) {
+            (Some(budget), _) => {
+                let b = share(budget, &tokens, p as usize);
+                (steps_for(job, p, Some(b.max(1)), None), Some(b))
+            }
+            // The worker refuses fewer steps than phases, so every phase gets one at least.
+            (None, Some(max)) => (share(max, &natural, p as usize).max(1), None),
+            (None, None) => (natural[p as usize], None),
+        };
+        end_step += steps;
+        out.push(PhaseSpan {
+            steps,
+            end_step,
+            end_tokens: budget.map(|b| {
+                end_tokens += b;
+                end_tokens
+            }),
+        });
+    }
+    out
+}
+
+/// Steps the run plans, over all its phases.
+pub fn planned_steps(job: &TrainJob) -> u64 {
+    phase_spans(job).last().map_or(1, |s| s.end_step)
 }
 
 /// Writes a checkpoint folder atomically (built beside, then renamed): `model.safetensors`,
@@ -185,7 +288,8 @@ pub fn train(
     commands: &Receiver<TrainCommand>,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<(Ending, TrainerState)> {
-    let total_steps = planned_steps(job);
+    let spans = phase_spans(job);
+    let total_steps = spans.last().map_or(1, |s| s.end_step);
     let mut state = resume.unwrap_or(TrainerState {
         step: 0,
         epoch: 0,
@@ -194,12 +298,37 @@ pub fn train(
         best_eval: None,
         evals_since_best: 0,
         tokens: 0,
+        phase: 0,
+        phase_step0: 0,
     });
     let device = job.model.device().clone();
     let vars: Vec<Var> = job.weights.iter().map(|(_, v)| v.clone()).collect();
-    let mut plan: PackPlan = job
-        .prepared
-        .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+    let mut plan: PackPlan = job.pack_epoch(state.phase, state.epoch);
+    let phases = job.phases.map_or(1, |p| p.parts.len() as u32);
+    let phase_records = |p: u32| -> u64 {
+        job.part(p)
+            .tasks
+            .iter()
+            .map(|t| t.samples.len() as u64)
+            .sum()
+    };
+    if job.phases.is_some() && state.step == state.phase_step0 {
+        events.send(TrainEvent::PhaseStarted {
+            phase: state.phase + 1,
+            phases,
+            step: state.step,
+            tokens: state.tokens,
+            records: phase_records(state.phase),
+        })?;
+    }
+    // A phase is over once its steps (or its share of the token budget) are done.
+    let phase_over = |state: &TrainerState| {
+        let span = spans[(state.phase as usize).min(spans.len() - 1)];
+        match span.end_tokens {
+            Some(t) => state.tokens >= t,
+            None => state.step >= span.end_step,
+        }
+    };
     let task_names: Vec<String> = job.prepared.tasks.iter().map(|t| t.name.clone()).collect();
     let started = Instant::now();
     let mut paused = false;
@@ -266,6 +395,29 @@ pub fn train(
             save_and_report(job, opt, &state, events)?;
             return Ok((Ending::Stopped, state));
         }
+        if job.phases.is_some() && state.phase + 1 < phases && phase_over(&state) {
+            // The next phase continues from these weights and optimizer moments; a checkpoint
+            // keeps each phase's model.
+            events.send(TrainEvent::PhaseEnded {
+                phase: state.phase + 1,
+                step: state.step,
+                tokens: state.tokens,
+            })?;
+            state.phase += 1;
+            state.phase_step0 = state.step;
+            state.epoch = 0;
+            state.row = 0;
+            plan = job.pack_epoch(state.phase, 0);
+            events.send(TrainEvent::PhaseStarted {
+                phase: state.phase + 1,
+                phases,
+                step: state.step,
+                tokens: state.tokens,
+                records: phase_records(state.phase),
+            })?;
+            // A checkpoint at the start of each phase keeps the previous phase's model.
+            save_and_report(job, opt, &state, events)?;
+        }
         let step_started = Instant::now();
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
@@ -275,9 +427,7 @@ pub fn train(
             // the planned ones keep counting, each sampled with its own seed.
             state.epoch += 1;
             state.row = 0;
-            plan = job
-                .prepared
-                .pack_epoch(job.mix, job.pack, job.seed, state.epoch);
+            plan = job.pack_epoch(state.phase, state.epoch);
         }
         // Micro-batches in this step: fewer at the end of an epoch. The loss is normalised over
         // the whole step, so accumulation equals one batch of all its rows.
@@ -288,7 +438,7 @@ pub fn train(
             .min((plan.rows.len() - state.row).div_ceil(per_step).max(1));
         let step_end = (state.row + per_step * accum).min(plan.rows.len());
         let step_rows: Vec<_> = (state.row..step_end)
-            .map(|i| job.prepared.row(&plan, i, job.pack))
+            .map(|i| job.part(state.phase).row(&plan, i, job.pack))
             .collect();
         state.row = step_end;
         let norm = StepNorm::of(&step_rows, job.train.loss_norm);
@@ -323,9 +473,16 @@ pub fn train(
                 state.step + 1
             );
         }
+        let (at, of) = match job.phases.map(|p| p.schedule) {
+            Some(PhaseSchedule::Fresh) => (
+                state.step - state.phase_step0,
+                spans[(state.phase as usize).min(spans.len() - 1)].steps,
+            ),
+            _ => (state.step, total_steps),
+        };
         let lr = lr_at(
-            state.step,
-            total_steps,
+            at,
+            of,
             job.train.warmup_steps,
             job.train.lr,
             job.train.decay,
@@ -375,6 +532,13 @@ pub fn train(
         if every > 0 && state.step.is_multiple_of(every) && more(&state) {
             save_and_report(job, opt, &state, events)?;
         }
+    }
+    if job.phases.is_some() {
+        events.send(TrainEvent::PhaseEnded {
+            phase: state.phase + 1,
+            step: state.step,
+            tokens: state.tokens,
+        })?;
     }
     run_eval(job, &mut state, events, stop)?;
     save_and_report(job, opt, &state, events)?;

@@ -30,6 +30,7 @@ use crate::train::export::{save_model_folder, save_peft_adapter, tensors_of};
 use crate::train::memory;
 use crate::train::model::{Decoder, init_lora, init_weights, merge_lora, named_vars};
 use crate::train::optim::AdamW;
+use crate::train::phased;
 use crate::train::score::load_bundle;
 use crate::train::tiny::{tiny_config, tiny_config_sized};
 use crate::train::trainer::{
@@ -455,6 +456,40 @@ fn run_worker(
     training.batch_rows = plan.batch_rows;
     training.grad_accum = plan.grad_accum;
     eval_set.batch_tokens = plan.batch_rows * pack.max_seq_len;
+    // Phases are cut before any checkpoint is loaded, so a resumed run scores (and, for the
+    // loss difficulty, measures) its records exactly as the run did when it started.
+    let phase_settings = &project.training.phases;
+    let phased = if phase_settings.is_off() {
+        None
+    } else {
+        if phase_settings.difficulty == crate::core::phases::Difficulty::Loss {
+            log(
+                events,
+                format!(
+                    "scoring {} training records by the model's loss",
+                    prepared
+                        .tasks
+                        .iter()
+                        .map(|t| t.samples.len())
+                        .sum::<usize>()
+                ),
+            );
+        }
+        let (scores, unscored) = phased::difficulty_scores(
+            phase_settings,
+            &prepared,
+            &data,
+            &parts.model,
+            eval_set.batch_tokens,
+        )?;
+        let built =
+            phased::build_phases(phase_settings, &prepared, &scores, unscored, project.seed);
+        let count = built.0.parts.len() as u64;
+        if let Some(steps) = training.max_steps.filter(|&s| s < count) {
+            anyhow::bail!("{count} phases need {count} steps at least; the run has {steps}");
+        }
+        Some(built)
+    };
     let job = TrainJob {
         model: &parts.model,
         weights: &parts.trainable,
@@ -466,6 +501,7 @@ fn run_worker(
         out_dir: run_dir,
         eval: Some(&eval_set),
         chat: Some(&chat),
+        phases: phased.as_ref().map(|(p, _)| p),
     };
     let total_steps = planned_steps(&job);
     let mut opt = AdamW::new(parts.trainable.clone(), project.training.adamw)?;
@@ -494,6 +530,26 @@ fn run_worker(
         total_steps,
         kernels: parts.model.kernels_in_use(),
     })?;
+    if let Some((_, report)) = &phased {
+        let sizes: Vec<String> = report.records.iter().map(u64::to_string).collect();
+        log(
+            events,
+            format!(
+                "{}: {} records per phase{}",
+                report.by,
+                sizes.join(" / "),
+                if report.unscored > 0 {
+                    format!(
+                        "; {} records had no score and count at their task's median",
+                        report.unscored
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        events.send(TrainEvent::Difficulty(report.clone()))?;
+    }
     log(
         events,
         format!(
@@ -577,6 +633,7 @@ fn run_worker(
         "lora": lora.enabled,
         "model": match &spec.model { ModelChoice::Tiny => "tiny".to_string(), ModelChoice::Path(p) => p.display().to_string() },
         "mode": pack.mode,
+        "phases": project.training.phases.describe(),
         "best_eval_loss": state.best_eval,
         "memory": {
             "planned_peak_bytes": plan.peak(),

@@ -209,6 +209,10 @@ pub struct StudioApp {
     pub(crate) import_path: String,
     pub(crate) model_path: String,
     pub(crate) record_index: usize,
+    /// The record browser shows a chained record as imported rather than as trained.
+    pub(crate) show_original: bool,
+    /// The record browser's last chained view: its key and the record as composed.
+    pub(crate) chained_cache: Option<(String, Option<crate::core::sit::Composed>)>,
     pub(crate) report_open: Option<(usize, usize)>,
     /// Time spent in the last frame's `ui_root`, for the frame-time measurement.
     pub last_frame: Duration,
@@ -263,6 +267,8 @@ impl StudioApp {
             import_path: String::new(),
             model_path: String::new(),
             record_index: 0,
+            show_original: false,
+            chained_cache: None,
             report_open: None,
             last_frame: Duration::ZERO,
         }

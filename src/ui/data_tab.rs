@@ -274,6 +274,7 @@ impl StudioApp {
                 ui.add(egui::DragValue::new(&mut task.max_new_tokens).range(1..=4096))
                     .labelled_by(l.id);
             });
+            sit_editor(ui, &mut task.sit);
         }
         self.undo.insert(key, undo);
         if remove {
@@ -393,7 +394,6 @@ impl StudioApp {
         let Some(d) = self.data.get(i).and_then(Option::as_ref).cloned() else {
             return;
         };
-        let task = &self.project.tasks[i];
         let n = d.records.len();
         ui.horizontal(|ui| {
             ui.strong("Records");
@@ -418,17 +418,51 @@ impl StudioApp {
         let Some(record) = d.records.get(self.record_index) else {
             return;
         };
+        let held_out = d.is_eval.get(self.record_index).copied().unwrap_or(false);
         ui.weak(format!(
             "line {}{}",
             record.origin.line,
-            if d.is_eval[self.record_index] {
+            if held_out {
                 " · held out for evaluation"
             } else {
                 ""
             }
         ));
+        // Sequential instructions: what this record becomes in training (or at evaluation),
+        // once every task is loaded (chains take their second record from another task).
+        let composed = self.chained_view(i, self.record_index);
+        let task = &self.project.tasks[i];
+        let shown = match &composed {
+            Some(c) => {
+                let name = task
+                    .sit
+                    .steps
+                    .get(c.template)
+                    .map_or("?", |t| t.name.as_str());
+                ui.horizontal(|ui| {
+                    ui.label(
+                        RichText::new(format!(
+                            "» chained instruction ({name}){}",
+                            if held_out {
+                                ": held out; evaluation asks held-out records as chains like this"
+                            } else {
+                                ": trained this way"
+                            }
+                        ))
+                        .color(task_color(i)),
+                    );
+                    ui.checkbox(&mut self.show_original, "show the record as imported");
+                });
+                if self.show_original {
+                    record
+                } else {
+                    &c.record
+                }
+            }
+            None => record,
+        };
         let color = task_color(i);
-        for m in conversation(record, &task.system_prompt, task.system_rule) {
+        for m in conversation(shown, &task.system_prompt, task.system_rule) {
             let role = m.role.as_str();
             let (fill, align) = match role {
                 "system" => (color.gamma_multiply(0.25), egui::Align::Center),
@@ -450,6 +484,126 @@ impl StudioApp {
                     });
             });
         }
+    }
+}
+
+/// A task's sequential-instruction settings: the share of records trained as chained
+/// instructions and the editable step templates, each checked as it is typed.
+fn sit_editor(ui: &mut egui::Ui, sit: &mut crate::core::sit::SitSettings) {
+    let title = if sit.share > 0.0 {
+        format!(
+            "Sequential instructions ({:.0} % trained as chains)",
+            sit.share * 100.0
+        )
+    } else if sit.steps.is_empty() {
+        "Sequential instructions (off)".to_string()
+    } else {
+        "Sequential instructions (evaluation only)".to_string()
+    };
+    egui::CollapsingHeader::new(title)
+        .id_salt("sit")
+        .show(ui, |ui| {
+            ui.weak(
+                "A share of the task's records is trained as a chain of checkable steps; with \
+                 templates, evaluation also asks the held-out records as chains and reports how \
+                 many had every step done.",
+            );
+            ui.horizontal(|ui| {
+                let l = ui.label("Chained share");
+                ui.add_enabled(
+                    !sit.steps.is_empty(),
+                    egui::Slider::new(&mut sit.share, 0.0..=1.0),
+                )
+                .labelled_by(l.id);
+                if sit.steps.is_empty() && ui.button("Add the standard step templates").clicked() {
+                    sit.steps = crate::core::sit::default_templates();
+                }
+            });
+            let mut remove = None;
+            for (k, step) in sit.steps.iter_mut().enumerate() {
+                ui.push_id(k, |ui| {
+                    ui.group(|ui| {
+                        ui.horizontal(|ui| {
+                            let l = ui.label("Step template");
+                            ui.add(egui::TextEdit::singleline(&mut step.name).desired_width(140.0))
+                                .labelled_by(l.id);
+                            if ui.button("Remove").clicked() {
+                                remove = Some(k);
+                            }
+                        });
+                        let l = ui.label("Instruction");
+                        ui.add(
+                            egui::TextEdit::multiline(&mut step.instruction)
+                                .desired_rows(2)
+                                .desired_width(f32::INFINITY),
+                        )
+                        .labelled_by(l.id);
+                        let l = ui.label("Answer");
+                        ui.add(
+                            egui::TextEdit::multiline(&mut step.answer)
+                                .desired_rows(2)
+                                .desired_width(f32::INFINITY),
+                        )
+                        .labelled_by(l.id);
+                        if let Err(why) = step.validate() {
+                            ui.colored_label(ui.visuals().error_fg_color, why);
+                        }
+                    });
+                });
+            }
+            if let Some(k) = remove {
+                sit.steps.remove(k);
+                if sit.steps.is_empty() {
+                    sit.share = 0.0;
+                }
+            }
+            if !sit.steps.is_empty() && ui.button("Add a step template").clicked() {
+                sit.steps
+                    .push(crate::core::sit::default_templates().remove(0));
+            }
+            ui.weak(format!(
+                "Placeholders: {}. The answer's text and placeholders, in order, are what the \
+                 step check looks for.",
+                crate::core::sit::PLACEHOLDERS
+                    .map(|p| format!("{{{p}}}"))
+                    .join(", ")
+            ));
+        });
+}
+
+impl StudioApp {
+    /// What record `index` of task `task` becomes as a chained instruction, cached for the
+    /// record browser; `None` until every task is loaded.
+    fn chained_view(&mut self, task: usize, index: usize) -> Option<crate::core::sit::Composed> {
+        if !self.all_data_loaded() {
+            return None;
+        }
+        let t = self.project.tasks.get(task)?;
+        let key = serde_json::json!([
+            task,
+            index,
+            self.project.seed,
+            self.load_generation,
+            self.project
+                .tasks
+                .iter()
+                .map(|t| (&t.name, t.eval_fraction, &t.sit))
+                .collect::<Vec<_>>()
+        ])
+        .to_string();
+        if t.sit.steps.is_empty() {
+            return None;
+        }
+        if let Some((k, c)) = &self.chained_cache
+            && *k == key
+        {
+            return c.clone();
+        }
+        let loaded: Vec<Option<&crate::core::dataset::TaskData>> =
+            self.data.iter().map(|d| d.as_deref()).collect();
+        let c = crate::core::chains::compose_one(&self.project, &loaded, task, index);
+        self.chained_cache = Some((key, c.clone()));
+        c
     }
 }
 

@@ -30,7 +30,7 @@ pub enum AblationMsg {
 /// The tab's state.
 pub struct ExperimentsState {
     /// Variants ticked, in [`Variant::ALL`] order.
-    pub variants: [bool; 5],
+    pub variants: [bool; Variant::ALL.len()],
     /// Attention layouts ticked: full, isolated, chunk.
     pub attentions: [bool; 3],
     /// Token budget per run.
@@ -70,7 +70,7 @@ pub struct ExperimentsState {
 impl Default for ExperimentsState {
     fn default() -> Self {
         Self {
-            variants: [true, true, true, true, false],
+            variants: [true, true, true, true, false, false, false, false],
             attentions: [false, false, true],
             tokens: 200_000,
             seeds: "1".to_string(),
@@ -389,7 +389,7 @@ impl StudioApp {
 
     fn ablation_controls(&mut self, ui: &mut egui::Ui) {
         let e = &mut self.experiments;
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.label("Variants");
             for (v, on) in Variant::ALL.iter().zip(e.variants.iter_mut()) {
                 ui.checkbox(on, v.name());

@@ -238,7 +238,7 @@ impl StudioApp {
                 ui.label(RichText::new(format!(" {} ", t.name)).background_color(task_color(i)).color(Color32::BLACK));
             }
             ui.label(RichText::new(" default prompt ").background_color(DEFAULT_PROMPT_COLOR).color(Color32::BLACK));
-            ui.weak("bright = trained · dim = ignored · underlined = system prompt · thin white bar: segment · thick bar: new chunk");
+            ui.weak("bright = trained · dim = ignored · underlined = system prompt · thin white bar: segment · thick bar: new chunk · » chained instruction");
         });
         ui.columns(2, |cols| {
             // The attention layout between the row's segments.
@@ -292,7 +292,14 @@ impl StudioApp {
                     // One galley for the whole row (a widget per token is too slow for
                     // 2,048-token rows); hovering finds the token under the pointer.
                     let width = ui.available_width();
-                    let (job, starts) = chip_layout(chips, width);
+                    // Segments trained as chained instructions (SIT) are marked with ».
+                    let chained_template = |segment: usize| -> Option<u32> {
+                        let seg = row.segments.get(segment)?;
+                        let task = bundle.prepared.tasks.get(seg.task? as usize)?;
+                        task.composed.get(seg.record? as usize).copied().flatten()
+                    };
+                    let (job, starts) =
+                        chip_layout(chips, width, &|seg| chained_template(seg).is_some());
                     let galley = ui.painter().layout_job(job);
                     let (rect, response) = ui.allocate_exact_size(galley.size(), Sense::hover());
                     ui.painter()
@@ -323,6 +330,14 @@ impl StudioApp {
                                 if c.system {
                                     ui.label("system prompt");
                                 }
+                                if let Some(k) = chained_template(c.segment) {
+                                    let name = c
+                                        .task
+                                        .and_then(|t| self.project.tasks.get(t as usize))
+                                        .and_then(|t| t.sit.steps.get(k as usize))
+                                        .map_or_else(|| format!("{}", k + 1), |s| s.name.clone());
+                                    ui.label(format!("chained instruction (step template {name})"));
+                                }
                             });
                         }
                     }
@@ -333,7 +348,11 @@ impl StudioApp {
 
 /// The row as one text layout: each token a section with its colours, boundaries as coloured
 /// gaps. Returns the layout and the character offset where each chip starts.
-fn chip_layout(chips: &[crate::core::views::TokenChip], width: f32) -> (LayoutJob, Vec<usize>) {
+fn chip_layout(
+    chips: &[crate::core::views::TokenChip],
+    width: f32,
+    chained: &dyn Fn(usize) -> bool,
+) -> (LayoutJob, Vec<usize>) {
     let font = egui::FontId::monospace(12.0);
     let mut job = LayoutJob::default();
     job.wrap.max_width = width;
@@ -346,10 +365,11 @@ fn chip_layout(chips: &[crate::core::views::TokenChip], width: f32) -> (LayoutJo
         if c.starts_segment {
             // A boundary: a white gap between segments, a wider one in the task's colour where
             // a new chunk starts.
-            let (gap, color) = if c.starts_chunk {
-                ("  ", base)
-            } else {
-                (" ", Color32::WHITE)
+            let (gap, color) = match (c.starts_chunk, chained(c.segment)) {
+                (true, false) => ("  ", base),
+                (true, true) => (" » ", base),
+                (false, false) => (" ", Color32::WHITE),
+                (false, true) => ("»", Color32::WHITE),
             };
             job.append(
                 gap,

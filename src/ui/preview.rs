@@ -20,6 +20,9 @@ impl StudioApp {
                     t.system_prompt,
                     t.system_rule,
                     t.eval_fraction,
+                    // Chained instructions change what is tokenized, and their templates' words
+                    // what the built-in tokenizer learns.
+                    t.sit,
                     t.sources
                         .iter()
                         .map(|s| s.path.display().to_string())

@@ -343,6 +343,8 @@ fn a_past_ablation_shows_its_curves_and_results_in_the_experiments_tab() {
                 generated: 4,
                 tokens: 10,
                 sample: None,
+                steps_done: None,
+                steps_tried: 0,
             }));
         }
         events.push(TrainEvent::Finished { step: 1 });
@@ -366,4 +368,75 @@ fn a_past_ablation_shows_its_curves_and_results_in_the_experiments_tab() {
     assert!(h.query_by_label("+75.0").is_some(), "concat's gap");
     assert!(h.query_by_label("+25.0").is_some(), "moi's gap");
     assert!(h.query_by_label("Run ablation").is_some());
+}
+
+#[test]
+fn chained_instructions_are_set_per_task_and_marked_in_the_browsers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the preview", |a| {
+        settled(a) && a.packing_preview().is_some()
+    });
+    h.get_by_label_contains("Sequential instructions (off)")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("Add the standard step templates").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().project().tasks[0].sit.steps,
+        crate::core::sit::default_templates()
+    );
+    // A template typed wrong is refused at the field, with the reason.
+    h.state_mut().project_mut().tasks[0].sit.steps[0].answer = "{answr}".into();
+    h.run_steps(2);
+    assert!(
+        h.query_by_label_contains("uses {answr}").is_some(),
+        "the error under the field"
+    );
+    h.state_mut().project_mut().tasks[0].sit.steps[0] =
+        crate::core::sit::default_templates()[0].clone();
+    h.state_mut().project_mut().tasks[0].sit.share = 0.5;
+    h.run_steps(2);
+    wait_until(&mut h, &wake, "the new preview", settled);
+    // The preview trains half of the task's records as chains, and saves them in the project.
+    let chained = h
+        .state()
+        .preview
+        .bundle
+        .as_ref()
+        .map(|(_, b)| {
+            b.prepared.tasks[0]
+                .composed
+                .iter()
+                .filter(|c| c.is_some())
+                .count()
+        })
+        .unwrap();
+    let trained = h
+        .state()
+        .preview
+        .bundle
+        .as_ref()
+        .map(|(_, b)| b.prepared.tasks[0].samples.len())
+        .unwrap();
+    assert!(
+        chained * 3 > trained && chained * 3 < trained * 2,
+        "{chained} of {trained}"
+    );
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::S);
+    h.run_steps(2);
+    let saved = Project::load(&path).unwrap();
+    assert_eq!(saved.tasks[0].sit.share, 0.5);
+    // The record browser says which records are chained.
+    let data = h.state().data()[0].clone().unwrap();
+    let loaded: Vec<Option<&crate::core::dataset::TaskData>> = vec![Some(&data)];
+    let first = (0..data.records.len())
+        .find(|&i| {
+            !data.is_eval[i] && crate::core::chains::compose_one(&saved, &loaded, 0, i).is_some()
+        })
+        .unwrap();
+    h.state_mut().record_index = first;
+    h.run_steps(2);
+    assert!(h.query_by_label_contains("chained instruction").is_some());
 }

@@ -5,10 +5,13 @@
 use std::sync::OnceLock;
 
 use egui::RichText;
-use egui_plot::{Legend, Line, LineStyle, MarkerShape, Plot, PlotPoints, Points};
+use egui_plot::{
+    Bar, BarChart, Legend, Line, LineStyle, MarkerShape, Plot, PlotPoints, Points, VLine,
+};
 
 use crate::core::events::TrainCommand;
 use crate::core::metrics::Series;
+use crate::core::phases::{Difficulty, PhaseSchedule};
 use crate::core::runs::RunHistory;
 use crate::core::train_settings::{Decay, LoraTarget, LossNorm};
 use crate::ui::app::{ModelPick, StudioApp, task_color};
@@ -43,6 +46,24 @@ fn line(name: &str, points: Vec<[f64; 2]>) -> Line<'static> {
 enum Item {
     Line(Line<'static>),
     Points(Points<'static>),
+    VLine(VLine),
+    Bars(BarChart),
+}
+
+/// Dotted vertical lines where a phased run's phases began (after the first).
+fn phase_lines(history: &RunHistory) -> Vec<Item> {
+    history
+        .phase_starts
+        .iter()
+        .filter(|(p, _)| *p > 1)
+        .map(|(p, step)| {
+            Item::VLine(
+                VLine::new(format!("phase {p}"), *step as f64)
+                    .color(egui::Color32::from_gray(170))
+                    .style(LineStyle::dotted_dense()),
+            )
+        })
+        .collect()
 }
 
 /// Draws one small plot of named series (the exact-match plot always spans 0 to 1).
@@ -65,6 +86,8 @@ fn small_plot(ui: &mut egui::Ui, id: &str, title: &str, items: Vec<Item>, width:
                 match item {
                     Item::Line(l) => plot.line(l),
                     Item::Points(p) => plot.points(p),
+                    Item::VLine(v) => plot.vline(v),
+                    Item::Bars(b) => plot.bar_chart(b),
                 }
             }
         });
@@ -243,6 +266,68 @@ impl StudioApp {
                 .labelled_by(l.id);
         });
         ui.horizontal_wrapped(|ui| {
+            let l = ui.label("Phases");
+            ui.add(egui::DragValue::new(&mut t.phases.count).range(1..=10))
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "Phased training: the records of every task cut into this many phases of \
+                     rising difficulty, trained one after the other (1: one-off training)",
+                );
+            ui.add_enabled_ui(!t.phases.is_off(), |ui| {
+                let l = ui.label("difficulty by");
+                let current = match &t.phases.difficulty {
+                    Difficulty::Length => "answer length",
+                    Difficulty::Column(_) => "a column",
+                    Difficulty::Loss => "the model's loss",
+                };
+                egui::ComboBox::from_id_salt("difficulty")
+                    .selected_text(current)
+                    .show_ui(ui, |ui| {
+                        let d = &mut t.phases.difficulty;
+                        if ui
+                            .selectable_label(*d == Difficulty::Length, "answer length")
+                            .clicked()
+                        {
+                            *d = Difficulty::Length;
+                        }
+                        if ui
+                            .selectable_label(d.column().is_some(), "a column")
+                            .clicked()
+                            && d.column().is_none()
+                        {
+                            *d = Difficulty::Column("difficulty".into());
+                        }
+                        if ui
+                            .selectable_label(*d == Difficulty::Loss, "the model's loss")
+                            .clicked()
+                        {
+                            *d = Difficulty::Loss;
+                        }
+                    })
+                    .response
+                    .labelled_by(l.id);
+                if let Difficulty::Column(name) = &mut t.phases.difficulty {
+                    let l = ui.label("column");
+                    ui.add(egui::TextEdit::singleline(name).desired_width(100.0))
+                        .labelled_by(l.id);
+                }
+                let l = ui.label("schedule");
+                egui::ComboBox::from_id_salt("phase_schedule")
+                    .selected_text(match t.phases.schedule {
+                        PhaseSchedule::Continue => "one for the run",
+                        PhaseSchedule::Fresh => "fresh each phase",
+                    })
+                    .show_ui(ui, |ui| {
+                        let s = &mut t.phases.schedule;
+                        ui.selectable_value(s, PhaseSchedule::Continue, "one for the run");
+                        ui.selectable_value(s, PhaseSchedule::Fresh, "fresh each phase");
+                    })
+                    .response
+                    .labelled_by(l.id);
+                ui.checkbox(&mut t.phases.random, "random phases (control)");
+            });
+        });
+        ui.horizontal_wrapped(|ui| {
             ui.checkbox(&mut t.lora.enabled, "LoRA (base frozen)");
             ui.add_enabled_ui(t.lora.enabled, |ui| {
                 let l = ui.label("rank");
@@ -379,20 +464,16 @@ impl StudioApp {
                     line(name, series.smoothed(0.9)).color(color).width(1.5),
                 ));
             }
-            small_plot(
-                ui,
-                "loss",
-                "Training loss, total and per task",
-                items,
-                width,
-            );
-            small_plot(
-                ui,
-                "lr",
-                "Learning rate",
-                vec![Item::Line(line("lr", h.lr.points()))],
-                width,
-            );
+            items.extend(phase_lines(h));
+            let title = if h.phase_starts.is_empty() {
+                "Training loss, total and per task"
+            } else {
+                "Training loss, total and per task (dotted: a phase begins)"
+            };
+            small_plot(ui, "loss", title, items, width);
+            let mut lr = vec![Item::Line(line("lr", h.lr.points()))];
+            lr.extend(phase_lines(h));
+            small_plot(ui, "lr", "Learning rate", lr, width);
             small_plot(
                 ui,
                 "tps",
@@ -401,7 +482,12 @@ impl StudioApp {
                 width,
             );
         });
-        let width2 = ((ui.available_width() - 16.0) / 2.0).max(200.0);
+        let chained = h
+            .tasks
+            .values()
+            .any(|c| !c.steps_task.is_empty() || !c.steps_default.is_empty());
+        let plots = if chained { 3.0 } else { 2.0 };
+        let width2 = ((ui.available_width() - 8.0 * plots) / plots).max(200.0);
         ui.horizontal(|ui| {
             small_plot(
                 ui,
@@ -417,7 +503,19 @@ impl StudioApp {
                 eval_lines(h, &names, |c| (&c.exact_task, &c.exact_default)),
                 width2,
             );
+            if chained {
+                small_plot(
+                    ui,
+                    "steps",
+                    "Chained instructions with every step done",
+                    eval_lines(h, &names, |c| (&c.steps_task, &c.steps_default)),
+                    width2,
+                );
+            }
         });
+        if let Some(d) = &h.difficulty {
+            difficulty_plot(ui, d, &names);
+        }
         if !h.latest_eval.is_empty() {
             egui::CollapsingHeader::new("Latest evaluation")
                 .default_open(false)
@@ -430,6 +528,7 @@ impl StudioApp {
                             "perplexity",
                             "accuracy",
                             "exact match",
+                            "every step",
                         ] {
                             ui.strong(head);
                         }
@@ -442,6 +541,9 @@ impl StudioApp {
                             ui.label(format!("{:.1} %", m.accuracy * 100.0));
                             ui.label(m.exact_match.map_or("-".into(), |x| {
                                 format!("{:.1} % of {}", x * 100.0, m.generated)
+                            }));
+                            ui.label(m.steps_done.map_or("-".into(), |x| {
+                                format!("{:.1} % of {}", x * 100.0, m.steps_tried)
                             }));
                             ui.end_row();
                         }
@@ -549,6 +651,47 @@ impl StudioApp {
             });
         }
     }
+}
+
+/// A phased run's difficulty scores as a histogram, with each task's cut points between
+/// phases in the task's colour.
+fn difficulty_plot(ui: &mut egui::Ui, d: &crate::core::phases::DifficultyReport, names: &[String]) {
+    let sizes: Vec<String> = d.records.iter().map(u64::to_string).collect();
+    let mut items = Vec::new();
+    let bars: Vec<Bar> = d
+        .histogram
+        .iter()
+        .map(|b| {
+            Bar::new((b.low + b.high) / 2.0, b.count as f64).width((b.high - b.low).max(1e-9) * 0.9)
+        })
+        .collect();
+    items.push(Item::Bars(
+        BarChart::new("records", bars).color(egui::Color32::from_gray(140)),
+    ));
+    for (task, cuts) in &d.cuts {
+        let color = names
+            .iter()
+            .position(|n| n == task)
+            .map_or(egui::Color32::GRAY, task_color);
+        for c in cuts {
+            items.push(Item::VLine(
+                VLine::new(task.as_str(), *c).color(color).width(1.5),
+            ));
+        }
+    }
+    let width = ui.available_width().min(720.0);
+    small_plot(
+        ui,
+        "difficulty",
+        &format!(
+            "Difficulty of the training records: {} (records per phase {}; lines: each task's \
+             cut points)",
+            d.by,
+            sizes.join(" / ")
+        ),
+        items,
+        width,
+    );
 }
 
 /// Seconds as `1h 02m`, `3m 05s` or `12s`.

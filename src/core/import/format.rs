@@ -250,6 +250,7 @@ impl Layout {
             system,
             turns,
             origin,
+            score: None,
         })
     }
 }

@@ -65,6 +65,8 @@ pub struct ImportOptions {
     pub max_record_bytes: usize,
     /// Index of this file among its task's sources, written into each record's origin.
     pub source_index: u32,
+    /// A numeric field read into each record's difficulty score (phased training).
+    pub score_field: Option<String>,
 }
 
 impl Default for ImportOptions {
@@ -74,6 +76,7 @@ impl Default for ImportOptions {
             mapping: ColumnMapping::default(),
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             source_index: 0,
+            score_field: None,
         }
     }
 }
@@ -451,6 +454,7 @@ fn run(
     let path = report.file.clone();
     let total = report.bytes;
     let source_index = options.source_index;
+    let score_field = options.score_field.as_deref();
 
     // Look at the first records before deciding how to read them.
     let mut head: Vec<Item> = Vec::new();
@@ -530,7 +534,10 @@ fn run(
                     line,
                 },
             ) {
-                Ok(record) => {
+                Ok(mut record) => {
+                    if let Some(field) = score_field {
+                        record.score = numeric_field(&value, field);
+                    }
                     report.records += 1;
                     sink(record);
                 }
@@ -569,6 +576,17 @@ fn run(
         bytes_total: total,
     });
     Ok(report)
+}
+
+/// A record's numeric field (a number, or text that parses as one).
+fn numeric_field(value: &Value, field: &str) -> Option<f64> {
+    match value.get(field)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        _ => None,
+    }
+    .filter(|x| x.is_finite())
 }
 
 fn format_kind(value: &Value) -> String {
