@@ -312,14 +312,15 @@ pub fn train(
             .map(|t| t.samples.len() as u64)
             .sum()
     };
+    let phase_started = |state: &TrainerState| TrainEvent::PhaseStarted {
+        phase: state.phase + 1,
+        phases,
+        step: state.step,
+        tokens: state.tokens,
+        records: phase_records(state.phase),
+    };
     if job.phases.is_some() && state.step == state.phase_step0 {
-        events.send(TrainEvent::PhaseStarted {
-            phase: state.phase + 1,
-            phases,
-            step: state.step,
-            tokens: state.tokens,
-            records: phase_records(state.phase),
-        })?;
+        events.send(phase_started(&state))?;
     }
     // A phase is over once its steps (or its share of the token budget) are done.
     let phase_over = |state: &TrainerState| {
@@ -408,13 +409,7 @@ pub fn train(
             state.epoch = 0;
             state.row = 0;
             plan = job.pack_epoch(state.phase, 0);
-            events.send(TrainEvent::PhaseStarted {
-                phase: state.phase + 1,
-                phases,
-                step: state.step,
-                tokens: state.tokens,
-                records: phase_records(state.phase),
-            })?;
+            events.send(phase_started(&state))?;
             // A checkpoint at the start of each phase keeps the previous phase's model.
             save_and_report(job, opt, &state, events)?;
         }
