@@ -2,7 +2,8 @@
 """Checks a folder written by `moi-studio export` with Python's transformers (and PEFT):
 
 1. the model and tokenizer load, and the chat template renders a conversation;
-2. the mean negative log-likelihood of a text equals what `moi-studio score` computes;
+2. the mean negative log-likelihood of a text equals what `moi-studio score` computes, and the
+   logits at every position equal ours (`score --logits-out`) within 1e-4;
 3. for LoRA runs, the base model with `adapter/` applied by PEFT gives the same logits as the
    merged model;
 4. with --reference LOGITS_JSON (a golden model's `logits.json`, e.g. tests/data/golden/llama3,
@@ -64,8 +65,10 @@ def main() -> int:
 
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(TEXT)
+    logits_file = f.name + ".logits.json"
     out = subprocess.run(
-        [args.bin, "score", "--model", args.export_dir, "--text-file", f.name, "--json"],
+        [args.bin, "score", "--model", args.export_dir, "--text-file", f.name, "--json",
+         "--logits-out", logits_file],
         check=True, capture_output=True, text=True,
     ).stdout
     os.unlink(f.name)
@@ -73,6 +76,16 @@ def main() -> int:
     ours_nll = ours.get("mean_nll", ours.get("nll"))
     print(f"transformers nll {nll:.6f}, moi-studio nll {ours_nll:.6f} ({ids.shape[1]} tokens)")
     ok = math.isclose(nll, ours_nll, abs_tol=1e-4)
+    with open(logits_file) as lf:
+        dumped = json.load(lf)
+    os.unlink(logits_file)
+    same_ids = dumped["ids"] == ids[0].tolist()
+    print(f"token ids {'equal' if same_ids else 'DIFFER'} ({len(dumped['ids'])} vs {ids.shape[1]})")
+    ok = ok and same_ids
+    if same_ids:
+        diff = (torch.tensor(dumped["logits"]) - logits).abs().max().item()
+        print(f"transformers vs moi-studio: max logit difference {diff:.2e} on the fixed text")
+        ok = ok and diff < 1e-4
 
     adapter = os.path.join(args.export_dir, "adapter")
     if os.path.isdir(adapter):

@@ -118,3 +118,92 @@ fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
     assert_eq!(reloaded.config.llama3_rope, loaded.config.llama3_rope);
     check_folder("llama3", &out_dir);
 }
+
+/// Logits of `model` on every reference prompt of golden model `name`.
+fn prompt_logits(name: &str, model: &moi_studio::train::model::Decoder) -> Vec<Vec<f32>> {
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden(name).join("logits.json")).unwrap())
+            .unwrap();
+    let mut rows = Vec::new();
+    for prompt in reference["prompts"].as_array().unwrap() {
+        let ids: Vec<u32> = prompt
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let t = ids.len();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mask = attention_mask(&[vec![0; t]], t, &Device::Cpu).unwrap();
+        let out: Vec<Vec<f32>> = model
+            .forward(&input, &pos, &mask)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        rows.extend(out);
+    }
+    rows
+}
+
+#[test]
+fn a_llama3_scaled_model_written_to_gguf_keeps_its_rotary_scaling() {
+    use moi_studio::train::export::{save_model_folder, tensors_of};
+    use moi_studio::train::gguf_export::{Quant, write_gguf};
+    use moi_studio::train::model::named_vars;
+    let loaded = load_hf_folder(&golden("llama3"), &Device::Cpu).unwrap();
+    let tokenizer = moi_studio::core::bpe::train_bpe(
+        ["a small text to train a tokenizer on".to_string()].into_iter(),
+        300,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    save_model_folder(
+        &hf,
+        &loaded.config,
+        &tensors_of(&named_vars(&loaded.weights)),
+        &tokenizer,
+        "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
+        "<s>",
+        "</s>",
+    )
+    .unwrap();
+    let bundle = moi_studio::train::score::load_bundle(&hf, &Device::Cpu).unwrap();
+    let file = dir.path().join("llama3.f16.gguf");
+    write_gguf(&bundle, "golden-llama3", Quant::F16, &file).unwrap();
+    let (back, _) = moi_studio::train::gguf::load_gguf(&file, &Device::Cpu).unwrap();
+    assert_eq!(back.config.llama3_rope, loaded.config.llama3_rope);
+    let want = prompt_logits("llama3", &loaded.model);
+    let got = prompt_logits("llama3", &back.model);
+    // The same model without its scaling, to show the prompts are long enough for it to matter.
+    let mut plain_config = loaded.config.clone();
+    plain_config.llama3_rope = None;
+    let plain = moi_studio::train::model::Decoder::new(
+        &plain_config,
+        candle_nn::VarBuilder::from_varmap(&loaded.weights, candle_core::DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let unscaled = prompt_logits("llama3", &plain);
+    let worst = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (f16_error, scaling_effect) = (worst(&want, &got), worst(&want, &unscaled));
+    eprintln!("f16 GGUF: largest logit difference {f16_error}; without scaling {scaling_effect}");
+    assert!(
+        f16_error < 0.25 * scaling_effect && f16_error < 1e-3,
+        "f16 GGUF differs by {f16_error}, dropping the scaling by {scaling_effect}"
+    );
+}

@@ -5,6 +5,7 @@ mod eval;
 mod export;
 mod import;
 mod mix;
+mod recipe;
 mod score;
 mod synth;
 mod tasks;
@@ -45,6 +46,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write a run's model as a Hugging Face folder (and a PEFT adapter for LoRA runs).
     Export(export::ExportArgs),
+    /// Write the project's packed MoI data and settings with a transformers/accelerate train.py
+    /// (DDP, FSDP and DeepSpeed launch configs) for a bigger machine.
+    ExportRecipe(recipe::RecipeArgs),
     /// Run the paper's ablation (seq, concat, balanced, moi) on the project's data and report it.
     Ablate(ablate::AblateArgs),
     /// Write the seeded synthetic MoI suite (general, math, code, tool use) and its project.
@@ -74,6 +78,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Export(args) => export::run(args),
+        Command::ExportRecipe(args) => recipe::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Ablate(args) => ablate::run(args),
     }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::train::device::choose_device;
-use crate::train::score::{load_bundle, score_ids};
+use crate::train::score::{load_bundle, logits_of, score_ids};
 
 /// Arguments of `score`.
 #[derive(Debug, Args)]
@@ -20,6 +20,10 @@ pub struct ScoreArgs {
     /// Print {"tokens","nll","ppl"} as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also write the token ids and the logits at every position as JSON
+    /// (`{"ids": [...], "logits": [[...], ...]}`), to compare with another implementation.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }
 
 /// Runs `score`.
@@ -30,6 +34,12 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<i32> {
     let bundle = load_bundle(&args.model, &device.device)?;
     let ids = bundle.encode(&text)?;
     let score = score_ids(&bundle, &ids)?;
+    if let Some(path) = &args.logits_out {
+        let logits = logits_of(&bundle, &ids)?;
+        let json = serde_json::json!({ "ids": ids, "logits": logits });
+        crate::core::fsutil::write_atomic(path, serde_json::to_string(&json)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&score)?);
     } else {

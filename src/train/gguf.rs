@@ -109,7 +109,7 @@ impl Meta<'_> {
 
 /// Undoes llama.cpp's permutation of Q or K rows (made for its interleaved rotary) so the
 /// weights fit rotate-half rotary: rows grouped `[head, pair, 2]` go back to `[head, 2, pair]`.
-fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let half = out / heads / 2;
     w.reshape((heads, half, 2, inp))?
@@ -119,7 +119,7 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 }
 
 /// The HF weight name for a GGUF tensor name of the llama layout.
-fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let simple = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),

@@ -246,6 +246,70 @@ struct Parts {
     eos: String,
 }
 
+/// A model as it is before training: its config, weights (as variables), tokenizer and template.
+pub(crate) struct Base {
+    pub config: crate::train::config::ModelConfig,
+    pub weights: Vec<(String, Var)>,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+}
+
+/// Builds the built-in model for `project` (seeded weights; its tokenizer trained on the data,
+/// or read from `tokenizer_file`) or loads a Hugging Face folder or GGUF file.
+pub(crate) fn load_base(
+    model: &ModelChoice,
+    project: &Project,
+    data: &[TaskData],
+    device: &Device,
+    tokenizer_file: Option<&Path>,
+    say: &mut dyn FnMut(String),
+) -> anyhow::Result<Base> {
+    match model {
+        ModelChoice::Tiny => {
+            let tokenizer = if let Some(saved) = tokenizer_file {
+                say(format!("reading the run's tokenizer {}", saved.display()));
+                tokenizers::Tokenizer::from_file(saved)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", saved.display()))?
+            } else {
+                say(format!(
+                    "training the built-in tokenizer ({BUILTIN_VOCAB} tokens)"
+                ));
+                load_tokenizer(project, &project.mixing, data)?
+            };
+            let config = tiny_config_sized(tokenizer.get_vocab_size(true), project.training.tiny)?;
+            let weights = named_vars(&init_weights(&config, project.seed, device)?);
+            let template = load_template(project, &project.mixing)?;
+            Ok(Base {
+                config,
+                weights,
+                tokenizer,
+                template,
+            })
+        }
+        ModelChoice::Path(path) => {
+            say(format!("loading {}", path.display()));
+            let bundle = load_bundle(path, device)?;
+            let weights = named_vars(&bundle.loaded.weights);
+            let template = bundle.template()?;
+            Ok(Base {
+                config: bundle.loaded.config,
+                weights,
+                tokenizer: bundle.tokenizer,
+                template,
+            })
+        }
+    }
+}
+
+/// The token that ends an answer: the template's EOS, or its end-of-turn marker.
+pub(crate) fn eos_of(template: &ChatTemplate) -> String {
+    if template.eos_token.is_empty() {
+        template.end_of_turn.trim().to_string()
+    } else {
+        template.eos_token.clone()
+    }
+}
+
 /// Builds or loads the model; with LoRA the base is frozen (plain tensors) and only seeded
 /// adapters are variables.
 fn build_parts(
@@ -256,48 +320,25 @@ fn build_parts(
     device: &Device,
     events: &mut EventSender,
 ) -> anyhow::Result<Parts> {
-    let (config, weights, tokenizer, template) = match &spec.model {
-        ModelChoice::Tiny => {
-            // The run keeps the tokenizer it trained, so a resume reads the same token ids even
-            // when the data has changed since.
-            let saved = run_dir.join("tokenizer.json");
-            let tokenizer = if spec.resume.is_some() && saved.is_file() {
-                log(
-                    events,
-                    format!("reading the run's tokenizer {}", saved.display()),
-                );
-                tokenizers::Tokenizer::from_file(&saved)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", saved.display()))?
-            } else {
-                log(
-                    events,
-                    format!("training the built-in tokenizer ({BUILTIN_VOCAB} tokens)"),
-                );
-                let tokenizer = load_tokenizer(project, &project.mixing, data)?;
-                let text = tokenizer
-                    .to_string(false)
-                    .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
-                write_atomic(&saved, text.as_bytes())?;
-                tokenizer
-            };
-            let config = tiny_config_sized(tokenizer.get_vocab_size(true), project.training.tiny)?;
-            let weights = named_vars(&init_weights(&config, project.seed, device)?);
-            let template = load_template(project, &project.mixing)?;
-            (config, weights, tokenizer, template)
-        }
-        ModelChoice::Path(path) => {
-            log(events, format!("loading {}", path.display()));
-            let bundle = load_bundle(path, device)?;
-            let weights = named_vars(&bundle.loaded.weights);
-            let template = bundle.template()?;
-            (bundle.loaded.config, weights, bundle.tokenizer, template)
-        }
-    };
-    let eos = if template.eos_token.is_empty() {
-        template.end_of_turn.trim().to_string()
-    } else {
-        template.eos_token.clone()
-    };
+    // The run keeps the tokenizer it trained, so a resume reads the same token ids even when
+    // the data has changed since.
+    let saved = run_dir.join("tokenizer.json");
+    let keep = (spec.resume.is_some() && saved.is_file()).then_some(saved.as_path());
+    let Base {
+        config,
+        weights,
+        tokenizer,
+        template,
+    } = load_base(&spec.model, project, data, device, keep, &mut |m| {
+        log(events, m)
+    })?;
+    if spec.model == ModelChoice::Tiny && keep.is_none() {
+        let text = tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+        write_atomic(&saved, text.as_bytes())?;
+    }
+    let eos = eos_of(&template);
     let lora = &project.training.lora;
     if !lora.enabled {
         let mut model = Decoder::new(&config, var_builder(&weights, device))?;
@@ -336,7 +377,7 @@ fn build_parts(
 }
 
 /// A builder that hands out the given variables (so the decoder trains them).
-fn var_builder<'a>(weights: &[(String, Var)], device: &Device) -> VarBuilder<'a> {
+pub(crate) fn var_builder<'a>(weights: &[(String, Var)], device: &Device) -> VarBuilder<'a> {
     let map = candle_nn::VarMap::new();
     if let Ok(mut data) = map.data().lock() {
         data.extend(weights.iter().cloned());

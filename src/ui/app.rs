@@ -201,7 +201,11 @@ pub struct StudioApp {
         crossbeam_channel::Sender<LoadedHistory>,
         Receiver<LoadedHistory>,
     ),
-    pub(crate) export_job: Option<Receiver<Result<bool, String>>>,
+    pub(crate) export_job: Option<Receiver<Result<String, String>>>,
+    /// The weight type the Runs tab's GGUF export writes.
+    pub(crate) gguf_quant: crate::train::gguf_export::Quant,
+    /// A folder typed in the Runs tab for exports (the file dialog when empty).
+    pub(crate) export_path: String,
     pub(crate) dialog: Option<Receiver<(DialogKind, Vec<PathBuf>)>>,
     pub(crate) status: String,
     pub(crate) recent: Vec<PathBuf>,
@@ -260,6 +264,8 @@ impl StudioApp {
             run_histories: HashMap::new(),
             history_channel: crossbeam_channel::bounded(64),
             export_job: None,
+            gguf_quant: crate::train::gguf_export::Quant::default(),
+            export_path: String::new(),
             dialog: None,
             status: String::new(),
             recent: Vec::new(),

@@ -101,8 +101,7 @@ impl StudioApp {
         {
             self.export_job = None;
             self.status = match r {
-                Ok(true) => "exported the model and its PEFT adapter".to_string(),
-                Ok(false) => "exported the model".to_string(),
+                Ok(message) => message,
                 Err(e) => format!("export failed: {e}"),
             };
         }

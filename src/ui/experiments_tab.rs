@@ -359,6 +359,8 @@ impl StudioApp {
                     } else if ui.button("Run ablation").clicked() {
                         self.start_ablation();
                     }
+                    // Runs too big for this machine go to a real distributed trainer.
+                    crate::ui::runs_tab::recipe_button(self, ui);
                     if let Some((i, n, key, tokens)) = &self.experiments.current {
                         let budget = self.experiments.plan.as_ref().map_or(1, |p| p.tokens);
                         ui.add(

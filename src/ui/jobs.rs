@@ -220,8 +220,21 @@ pub enum DialogKind {
     ModelFolder,
     /// A GGUF file to train.
     Gguf,
-    /// Where to export this run.
+    /// Where to export this run as a Hugging Face folder.
     Export(PathBuf),
+    /// Where to write this run's GGUF file and Modelfile.
+    ExportGguf(PathBuf, crate::train::gguf_export::Quant),
+    /// Where to write the project's recipe for transformers/accelerate.
+    ExportRecipe,
+}
+
+/// What an export job is.
+#[derive(Debug, Clone)]
+pub enum ExportKind {
+    /// A run's model as a Hugging Face folder (and its PEFT adapter).
+    HuggingFace,
+    /// A run's model as a GGUF file with an Ollama Modelfile.
+    Gguf(crate::train::gguf_export::Quant),
 }
 
 /// Shows a native file dialog on the `dialog` thread (so the window keeps drawing); the
@@ -266,6 +279,16 @@ pub fn start_dialog(
                 .pick_file()
                 .into_iter()
                 .collect(),
+            DialogKind::ExportGguf(..) => dialog
+                .set_title("Folder for the GGUF file and its Ollama Modelfile")
+                .pick_folder()
+                .into_iter()
+                .collect(),
+            DialogKind::ExportRecipe => dialog
+                .set_title("Folder for the transformers/accelerate recipe")
+                .pick_folder()
+                .into_iter()
+                .collect(),
             DialogKind::Export(_) => dialog
                 .set_title("Export the model to a folder")
                 .pick_folder()
@@ -306,16 +329,79 @@ pub fn start_answer(
     Ok(rx)
 }
 
-/// Exports a run on the `export` thread; the answer says whether an adapter came too.
+/// Exports a run on the `export` thread; the answer is the message to show.
 pub fn start_export(
     run: PathBuf,
     out: PathBuf,
+    kind: ExportKind,
     wake: Wake,
-) -> Result<Receiver<Result<bool, String>>, String> {
+) -> Result<Receiver<Result<String, String>>, String> {
     let (tx, rx) = bounded(1);
     spawn("export", move || {
-        let r = crate::train::export::export_run(&run, &out).map_err(|e| format!("{e:#}"));
-        if tx.send(r).is_ok() {
+        let r = match kind {
+            ExportKind::HuggingFace => {
+                crate::train::export::export_run(&run, &out).map(|adapter| {
+                    if adapter {
+                        format!(
+                            "exported the model and its PEFT adapter to {}",
+                            out.display()
+                        )
+                    } else {
+                        format!("exported the model to {}", out.display())
+                    }
+                })
+            }
+            ExportKind::Gguf(quant) => {
+                crate::train::gguf_export::export_run_gguf(&run, &out, quant).map(|e| {
+                    format!(
+                        "wrote {} and {}{}",
+                        e.gguf.display(),
+                        e.modelfile.display(),
+                        if e.template_translated {
+                            ""
+                        } else {
+                            " (write its TEMPLATE by hand: the chat template has no Ollama form)"
+                        }
+                    )
+                })
+            }
+        };
+        if tx.send(r.map_err(|e| format!("{e:#}"))).is_ok() {
+            wake();
+        }
+    })?;
+    Ok(rx)
+}
+
+/// Writes the project's recipe on the `export` thread; the answer is the message to show.
+pub fn start_recipe(
+    project: crate::core::project::Project,
+    model: crate::train::worker::ModelChoice,
+    out: PathBuf,
+    wake: Wake,
+) -> Result<Receiver<Result<String, String>>, String> {
+    let (tx, rx) = bounded(1);
+    spawn("export", move || {
+        let spec = crate::train::recipe::RecipeSpec {
+            project,
+            model,
+            hub_model: None,
+            out: out.clone(),
+        };
+        let r = crate::train::recipe::export_recipe(&spec, &mut |_| {}).map(|s| {
+            let mut text = format!(
+                "recipe written to {}: {} rows, {} steps; python train.py there trains it \
+                 (README.md has the multi-GPU commands)",
+                out.display(),
+                s.rows,
+                s.steps
+            );
+            for n in s.notes {
+                text.push_str(&format!("; {n}"));
+            }
+            text
+        });
+        if tx.send(r.map_err(|e| format!("{e:#}"))).is_ok() {
             wake();
         }
     })?;

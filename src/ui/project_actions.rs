@@ -158,14 +158,34 @@ impl StudioApp {
             DialogKind::ModelFolder => self.model = ModelPick::Folder(first),
             DialogKind::Gguf => self.model = ModelPick::Gguf(first),
             DialogKind::Export(run) => {
-                match crate::ui::jobs::start_export(run, first, self.wake.clone()) {
-                    Ok(rx) => {
-                        self.export_job = Some(rx);
-                        self.status = "exporting…".to_string();
-                    }
-                    Err(e) => self.status = e,
-                }
+                self.start_export(run, first, crate::ui::jobs::ExportKind::HuggingFace)
             }
+            DialogKind::ExportGguf(run, quant) => {
+                self.start_export(run, first, crate::ui::jobs::ExportKind::Gguf(quant))
+            }
+            DialogKind::ExportRecipe => self.start_recipe(first),
+        }
+    }
+
+    fn start_export(&mut self, run: PathBuf, out: PathBuf, kind: crate::ui::jobs::ExportKind) {
+        match crate::ui::jobs::start_export(run, out, kind, self.wake.clone()) {
+            Ok(rx) => {
+                self.export_job = Some(rx);
+                self.status = "exporting…".to_string();
+            }
+            Err(e) => self.status = e,
+        }
+    }
+
+    /// Writes the open project's recipe (as it is now, with the chosen model) to `out`.
+    pub(crate) fn start_recipe(&mut self, out: PathBuf) {
+        let model = self.model.choice();
+        match crate::ui::jobs::start_recipe(self.project.clone(), model, out, self.wake.clone()) {
+            Ok(rx) => {
+                self.export_job = Some(rx);
+                self.status = "writing the recipe (tokenizing and packing)…".to_string();
+            }
+            Err(e) => self.status = e,
         }
     }
 }

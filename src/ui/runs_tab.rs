@@ -1,6 +1,6 @@
 //! The Runs tab: past runs from `runs/` beside the project — their settings and final metrics —
-//! with several selectable to overlay their loss curves, a button to open a run's folder and one
-//! to export its model.
+//! with several selectable to overlay their loss curves, a button to open a run's folder, and
+//! exports: a run's model as a Hugging Face folder or a GGUF file, the project as a recipe.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
@@ -20,7 +20,37 @@ fn summary_text(summary: Option<&serde_json::Value>, key: &str) -> String {
     }
 }
 
+/// "Export recipe…": the open project's packed MoI data and settings for transformers/accelerate.
+pub(crate) fn recipe_button(app: &mut StudioApp, ui: &mut egui::Ui) {
+    if ui
+        .add_enabled(
+            app.export_job.is_none(),
+            egui::Button::new("Export recipe…"),
+        )
+        .on_hover_text(
+            "Write the project's packed rows, held-out items and settings with a train.py for \
+             Hugging Face transformers + accelerate (DDP, FSDP, DeepSpeed ZeRO-3), to train \
+             it on a bigger machine",
+        )
+        .clicked()
+    {
+        app.export_to(DialogKind::ExportRecipe);
+    }
+}
+
 impl StudioApp {
+    /// An export to the folder typed in the Runs tab, or, with none typed, to one chosen in a
+    /// file dialog.
+    pub(crate) fn export_to(&mut self, kind: DialogKind) {
+        let typed = self.export_path.trim();
+        if typed.is_empty() {
+            self.ask(kind);
+        } else {
+            let out = std::path::PathBuf::from(typed);
+            self.on_dialog(kind, vec![out]);
+        }
+    }
+
     pub(crate) fn runs_tab(&mut self, ui: &mut egui::Ui) {
         if !self.runs_loaded {
             self.refresh_runs();
@@ -30,6 +60,26 @@ impl StudioApp {
             if ui.button("Refresh").clicked() {
                 self.refresh_runs();
             }
+            ui.separator();
+            recipe_button(self, ui);
+            ui.separator();
+            ui.label("GGUF weights");
+            egui::ComboBox::from_id_salt("gguf_quant")
+                .selected_text(self.gguf_quant.label())
+                .show_ui(ui, |ui| {
+                    use crate::train::gguf_export::Quant;
+                    for q in [Quant::F16, Quant::Q8_0, Quant::Q4_0] {
+                        ui.selectable_value(&mut self.gguf_quant, q, q.label());
+                    }
+                });
+            ui.separator();
+            let l = ui.label("Export to");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.export_path)
+                    .desired_width(260.0)
+                    .hint_text("a folder (empty: choose in a dialog)"),
+            )
+            .labelled_by(l.id);
         });
         if self.runs.is_empty() {
             ui.label("No runs yet: start one in the Train tab.");
@@ -38,6 +88,7 @@ impl StudioApp {
         let mut toggled = None;
         let mut open = None;
         let mut export = None;
+        let mut export_gguf = None;
         egui::ScrollArea::vertical()
             .id_salt("runs")
             .max_height(240.0)
@@ -105,6 +156,19 @@ impl StudioApp {
                             {
                                 export = Some(run.dir.clone());
                             }
+                            if ui
+                                .add_enabled(
+                                    run.dir.join("model").is_dir(),
+                                    egui::Button::new("GGUF…"),
+                                )
+                                .on_hover_text(
+                                    "Write the model as a llama.cpp GGUF file (the weight type \
+                                     chosen above) with an Ollama Modelfile",
+                                )
+                                .clicked()
+                            {
+                                export_gguf = Some(run.dir.clone());
+                            }
                         });
                         ui.end_row();
                     }
@@ -148,7 +212,10 @@ impl StudioApp {
             }
         }
         if let Some(dir) = export {
-            self.ask(DialogKind::Export(dir));
+            self.export_to(DialogKind::Export(dir));
+        }
+        if let Some(dir) = export_gguf {
+            self.export_to(DialogKind::ExportGguf(dir, self.gguf_quant));
         }
         ui.separator();
         if self.selected_runs.is_empty() {

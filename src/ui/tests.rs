@@ -236,6 +236,48 @@ fn training_plots_its_loss_and_finishes_and_stop_stops() {
     h.state_mut().set_tab(Tab::Runs);
     h.run_steps(2);
     assert_eq!(h.state().runs.len(), 2);
+
+    // The finished run exports to GGUF into the folder typed in the tab, and the project to a
+    // recipe, each on a worker with the result in the status line.
+    assert_eq!(h.query_all_by_label("GGUF…").count(), 2);
+    h.get_by_label("Export recipe…");
+    let gguf = dir.path().join("gguf");
+    h.state_mut().gguf_quant = crate::train::gguf_export::Quant::Q8_0;
+    h.get_by_label("Export to").click();
+    h.run_steps(1);
+    h.get_by_label("Export to")
+        .type_text(gguf.to_str().unwrap());
+    h.run_steps(1);
+    assert_eq!(h.state().export_path, gguf.to_str().unwrap());
+    // Each listed run has its button, in the list's order.
+    let finished = h.state().runs.iter().position(|r| r.dir == run).unwrap();
+    h.query_all_by_label("GGUF…").nth(finished).unwrap().click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the GGUF export", |a| a.export_job.is_none());
+    assert!(
+        gguf.join("model.q8_0.gguf").is_file(),
+        "{}",
+        h.state().status
+    );
+    assert!(gguf.join("Modelfile").is_file());
+    assert!(h.query_by_label_contains("model.q8_0.gguf").is_some());
+    let recipe = dir.path().join("recipe");
+    h.state_mut().export_path = recipe.to_str().unwrap().to_string();
+    h.run_steps(1);
+    h.get_by_label("Export recipe…").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the recipe", |a| a.export_job.is_none());
+    assert!(
+        recipe.join("train.parquet").is_file(),
+        "{}",
+        h.state().status
+    );
+    assert!(recipe.join("train.py").is_file());
+    assert!(
+        h.query_by_label_contains("recipe written").is_some(),
+        "{}",
+        h.state().status
+    );
 }
 
 #[test]
