@@ -1,13 +1,13 @@
 //! The command line on real files: exit codes, text and JSON output.
 
+mod common;
+
 use std::path::PathBuf;
 
 use assert_cmd::Command;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::root;
 
 fn studio() -> Command {
     let mut cmd = Command::cargo_bin("moi-studio").unwrap();
@@ -197,19 +197,7 @@ fn no_display_names_the_cli_commands() {
 
 /// The demo project, made quick: short rows, few eval items, short answers.
 fn quick_demo(dir: &std::path::Path) -> PathBuf {
-    let mut project =
-        moi_studio::core::project::Project::load(&root().join("presets/benchmarks.moi.toml"))
-            .unwrap();
-    project.packing.max_seq_len = 128;
-    project.training.batch_rows = 1;
-    project.training.eval_items = 3;
-    project.training.eval_generate = 1;
-    for task in &mut project.tasks {
-        task.max_new_tokens = 4;
-    }
-    let path = dir.join("quick.moi.toml");
-    project.save(&path).unwrap();
-    path
+    common::quick_project(dir, |_| {})
 }
 
 #[test]

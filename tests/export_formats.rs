@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use arrow_array::Array;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int32Type;
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::Device;
 use common::{fetched, root};
 use moi_studio::train::gguf::load_gguf;
 use moi_studio::train::gguf_export::{Quant, write_gguf};
-use moi_studio::train::model::{Decoder, attention_mask};
-use moi_studio::train::score::load_bundle;
+use moi_studio::train::model::Decoder;
+use moi_studio::train::score::{decoder_logits, load_bundle};
 
 fn studio() -> Command {
     let mut cmd = Command::cargo_bin("moi-studio").unwrap();
@@ -33,23 +33,14 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The benchmark project, small: short rows, two rows a step, few held-out items.
+/// The benchmark project, small: short rows, two rows a micro-batch and two micro-batches a
+/// step, one epoch, few held-out items.
 fn small_project(dir: &Path) -> PathBuf {
-    let mut project =
-        moi_studio::core::project::Project::load(&root().join("presets/benchmarks.moi.toml"))
-            .unwrap();
-    project.packing.max_seq_len = 128;
-    project.training.batch_rows = 2;
-    project.training.grad_accum = 2;
-    project.training.eval_items = 3;
-    project.training.eval_generate = 1;
-    project.mixing.epochs = 1;
-    for task in &mut project.tasks {
-        task.max_new_tokens = 4;
-    }
-    let path = dir.join("small.moi.toml");
-    project.save(&path).unwrap();
-    path
+    common::quick_project(dir, |p| {
+        p.training.batch_rows = 2;
+        p.training.grad_accum = 2;
+        p.mixing.epochs = 1;
+    })
 }
 
 /// Every column of a parquet file as lists of i32 (list columns) or single i32 values.
@@ -193,23 +184,7 @@ fn the_recipe_holds_the_trainers_rows_step_by_step_and_every_tasks_eval_under_bo
 
 /// Logits of `model` on `ids` (one row, full attention).
 fn logits(model: &Decoder, ids: &[u32]) -> Vec<Vec<f32>> {
-    let t = ids.len();
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mask = attention_mask(&[vec![0; t]], t, &Device::Cpu).unwrap();
-    model
-        .forward(&input, &pos, &mask)
-        .unwrap()
-        .i(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
+    decoder_logits(model, ids).unwrap()
 }
 
 /// How far logits `b` are from reference logits `a`: the root-mean-square and the largest

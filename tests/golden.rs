@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::Device;
 use moi_studio::train::load::load_hf_folder;
-use moi_studio::train::model::attention_mask;
+use moi_studio::train::score::decoder_logits;
 
 fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -19,45 +19,25 @@ fn check(name: &str) {
 
 /// The model in `model_dir` gives the logits transformers gave for golden model `name`.
 fn check_folder(name: &str, model_dir: &std::path::Path) {
-    let dir = golden(name);
     let loaded = load_hf_folder(model_dir, &Device::Cpu).unwrap();
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
-    let prompts = reference["prompts"].as_array().unwrap();
-    let mut worst = 0f64;
-    for (p, prompt) in prompts.iter().enumerate() {
-        let ids: Vec<u32> = prompt
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let t = ids.len();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
+        serde_json::from_str(&std::fs::read_to_string(golden(name).join("logits.json")).unwrap())
             .unwrap();
-        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mask = attention_mask(&[vec![0; t]], t, &Device::Cpu).unwrap();
-        let ours: Vec<Vec<f32>> = loaded
-            .model
-            .forward(&input, &pos, &mask)
-            .unwrap()
-            .i(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        let theirs = reference["logits"][p].as_array().unwrap();
-        assert_eq!(ours.len(), theirs.len());
-        for (row, want) in ours.iter().zip(theirs) {
-            for (a, b) in row.iter().zip(want.as_array().unwrap()) {
-                worst = worst.max((f64::from(*a) - b.as_f64().unwrap()).abs());
-            }
-        }
-    }
+    let want: Vec<f64> = reference["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p.as_array().unwrap())
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let ours: Vec<f32> = prompt_logits(name, &loaded.model).concat();
+    assert_eq!(ours.len(), want.len());
+    let worst = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .fold(0f64, f64::max);
     assert!(worst < 1e-4, "{name}: largest logit difference {worst}");
 }
 
@@ -76,8 +56,9 @@ fn tiny_llama3_rope_scaling_matches_transformers() {
     check("llama3");
 }
 
-#[test]
-fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
+/// The golden Llama-3.1-scaled model, and the same written by our exporter into `out` as a
+/// Hugging Face folder with a small trained tokenizer and a template.
+fn export_golden_llama3(out: &std::path::Path) -> moi_studio::train::load::LoadedModel {
     use moi_studio::train::export::{save_model_folder, tensors_of};
     use moi_studio::train::model::named_vars;
     let loaded = load_hf_folder(&golden("llama3"), &Device::Cpu).unwrap();
@@ -86,13 +67,8 @@ fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
         300,
     )
     .unwrap();
-    let out = tempfile::tempdir().unwrap();
-    // MOI_EXPORT_GOLDEN=DIR keeps the export for `scripts/check_export.py DIR --reference …`.
-    let out_dir = std::env::var_os("MOI_EXPORT_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| out.path().to_path_buf());
     save_model_folder(
-        &out_dir,
+        out,
         &loaded.config,
         &tensors_of(&named_vars(&loaded.weights)),
         &tokenizer,
@@ -101,6 +77,17 @@ fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
         "</s>",
     )
     .unwrap();
+    loaded
+}
+
+#[test]
+fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
+    let out = tempfile::tempdir().unwrap();
+    // MOI_EXPORT_GOLDEN=DIR keeps the export for `scripts/check_export.py DIR --reference …`.
+    let out_dir = std::env::var_os("MOI_EXPORT_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| out.path().to_path_buf());
+    let loaded = export_golden_llama3(&out_dir);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
             .unwrap();
@@ -119,7 +106,7 @@ fn an_exported_llama3_scaled_model_keeps_its_rotary_scaling() {
     check_folder("llama3", &out_dir);
 }
 
-/// Logits of `model` on every reference prompt of golden model `name`.
+/// Logits of `model` on every reference prompt of golden model `name`, one row per position.
 fn prompt_logits(name: &str, model: &moi_studio::train::model::Decoder) -> Vec<Vec<f32>> {
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden(name).join("logits.json")).unwrap())
@@ -132,51 +119,17 @@ fn prompt_logits(name: &str, model: &moi_studio::train::model::Decoder) -> Vec<V
             .iter()
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
-        let t = ids.len();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mask = attention_mask(&[vec![0; t]], t, &Device::Cpu).unwrap();
-        let out: Vec<Vec<f32>> = model
-            .forward(&input, &pos, &mask)
-            .unwrap()
-            .i(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        rows.extend(out);
+        rows.extend(decoder_logits(model, &ids).unwrap());
     }
     rows
 }
 
 #[test]
 fn a_llama3_scaled_model_written_to_gguf_keeps_its_rotary_scaling() {
-    use moi_studio::train::export::{save_model_folder, tensors_of};
     use moi_studio::train::gguf_export::{Quant, write_gguf};
-    use moi_studio::train::model::named_vars;
-    let loaded = load_hf_folder(&golden("llama3"), &Device::Cpu).unwrap();
-    let tokenizer = moi_studio::core::bpe::train_bpe(
-        ["a small text to train a tokenizer on".to_string()].into_iter(),
-        300,
-    )
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    save_model_folder(
-        &hf,
-        &loaded.config,
-        &tensors_of(&named_vars(&loaded.weights)),
-        &tokenizer,
-        "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
-        "<s>",
-        "</s>",
-    )
-    .unwrap();
+    let loaded = export_golden_llama3(&hf);
     let bundle = moi_studio::train::score::load_bundle(&hf, &Device::Cpu).unwrap();
     let file = dir.path().join("llama3.f16.gguf");
     write_gguf(&bundle, "golden-llama3", Quant::F16, &file).unwrap();

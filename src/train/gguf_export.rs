@@ -258,47 +258,27 @@ pub fn write_gguf(
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(quant.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
-        (
-            "llama.context_length".into(),
-            Value::U32(config.max_position_embeddings as u32),
-        ),
-        (
-            "llama.embedding_length".into(),
-            Value::U32(config.hidden_size as u32),
-        ),
-        (
-            "llama.block_count".into(),
-            Value::U32(config.num_hidden_layers as u32),
-        ),
-        (
-            "llama.feed_forward_length".into(),
-            Value::U32(config.intermediate_size as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U32(heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(kv_heads as u32),
-        ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(config.rope_theta as f32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(config.rms_norm_eps as f32),
-        ),
-        (
-            "llama.rope.dimension_count".into(),
-            Value::U32(head_dim as u32),
-        ),
-        (
-            "llama.vocab_size".into(),
-            Value::U32(config.vocab_size as u32),
-        ),
     ];
+    for (key, value) in [
+        ("context_length", config.max_position_embeddings),
+        ("embedding_length", config.hidden_size),
+        ("block_count", config.num_hidden_layers),
+        ("feed_forward_length", config.intermediate_size),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv_heads),
+        ("rope.dimension_count", head_dim),
+        ("vocab_size", config.vocab_size),
+    ] {
+        meta.push((format!("llama.{key}"), Value::U32(value as u32)));
+    }
+    meta.push((
+        "llama.rope.freq_base".into(),
+        Value::F32(config.rope_theta as f32),
+    ));
+    meta.push((
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        Value::F32(config.rms_norm_eps as f32),
+    ));
     if let Some(rope) = &config.llama3_rope {
         meta.push((
             "llama.rope.scaling.original_context_length".into(),

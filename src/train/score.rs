@@ -180,17 +180,24 @@ pub struct Score {
 /// The model's logits at every position of `ids` (one row, full attention), for comparing with
 /// another implementation.
 pub fn logits_of(bundle: &ModelBundle, ids: &[u32]) -> anyhow::Result<Vec<Vec<f32>>> {
-    let model = &bundle.loaded.model;
+    Ok(decoder_logits(&bundle.loaded.model, ids)?)
+}
+
+/// A decoder's logits at every position of `ids` (one row, full attention).
+pub fn decoder_logits(
+    model: &crate::train::model::Decoder,
+    ids: &[u32],
+) -> candle_core::Result<Vec<Vec<f32>>> {
     let device = model.device();
     let t = ids.len();
     let input = Tensor::new(ids, device)?.unsqueeze(0)?;
     let positions = Tensor::arange(0u32, t as u32, device)?.unsqueeze(0)?;
     let mask = attention_mask(&[vec![0; t]], t, device)?;
-    Ok(model
+    model
         .forward(&input, &positions, &mask)?
         .i(0)?
         .to_dtype(candle_core::DType::F32)?
-        .to_vec2()?)
+        .to_vec2()
 }
 
 /// Scores `ids` with one forward pass (the text must fit the model's context).

@@ -1,7 +1,7 @@
-//! What several integration tests share: the source root, and real material fetched by the
-//! project's own script when missing.
+//! What several integration tests share: the source root, real material fetched by the
+//! project's own script when missing, and a quick copy of the benchmark project.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The source tree's root.
@@ -10,6 +10,7 @@ pub fn root() -> PathBuf {
 }
 
 /// `relative` under the root, fetched or built by `scripts/fetch_models.sh` when it is not there.
+#[allow(dead_code)]
 pub fn fetched(relative: &str) -> PathBuf {
     let path = root().join(relative);
     if !path.is_file() {
@@ -21,5 +22,29 @@ pub fn fetched(relative: &str) -> PathBuf {
         assert!(status.success(), "scripts/fetch_models.sh failed");
     }
     assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
+/// The benchmark project saved into `dir` as `quick.moi.toml`, made quick (128-token rows, one
+/// row a step, few held-out items, short answers), then changed by `edit`; its sources still
+/// point at the shipped data.
+#[allow(dead_code)]
+pub fn quick_project(
+    dir: &Path,
+    edit: impl FnOnce(&mut moi_studio::core::project::Project),
+) -> PathBuf {
+    let mut project =
+        moi_studio::core::project::Project::load(&root().join("presets/benchmarks.moi.toml"))
+            .unwrap();
+    project.packing.max_seq_len = 128;
+    project.training.batch_rows = 1;
+    project.training.eval_items = 3;
+    project.training.eval_generate = 1;
+    for task in &mut project.tasks {
+        task.max_new_tokens = 4;
+    }
+    edit(&mut project);
+    let path = dir.join("quick.moi.toml");
+    project.save(&path).unwrap();
     path
 }
