@@ -493,8 +493,10 @@ fn readme(
          - The attention mask: each token sees earlier tokens of its own instruction and the \
          row's shared prefix (segment 0: the default system prompt in moi rows, or the whole row \
          with full attention). It is passed to the model as a 4-D mask, so eager and SDPA \
-         attention reproduce it exactly; FlashAttention cannot express a shared prefix and is \
-         refused for such rows.\n\
+         attention reproduce it exactly. Rows are packed, so a micro-batch pads only to its \
+         longest row. `--attn flash_attention_2` is taken only for full attention without \
+         position resets: FlashAttention cannot show a shared prefix, and transformers splits \
+         its sequences where positions restart.\n\
          - The loss: next-token cross-entropy on trained tokens, weighted {norm} over the \
          whole optimizer step, as MoI Studio does.\n\
          - The schedule: {warmup} warm-up steps to {lr}, then {decay} decay to {floor} of it; \

@@ -271,6 +271,13 @@ def main():
             "FlashAttention cannot reproduce this recipe's mask (segments that share a prefix); "
             "use --attn sdpa or eager"
         )
+    if flash and r["packing"].get("reset_position_ids"):
+        # transformers' FlashAttention path starts a new sequence wherever positions restart,
+        # which would hide earlier instructions that this recipe's full attention shows.
+        raise SystemExit(
+            "FlashAttention would split rows where positions restart, but this recipe attends "
+            "across them; use --attn sdpa or eager"
+        )
     model_path = args.model or r["model"]
     if not os.path.isabs(model_path) and os.path.isdir(os.path.join(args.recipe, model_path)):
         model_path = os.path.join(args.recipe, model_path)
