@@ -3,7 +3,9 @@
 recipe of a small copy of presets/benchmarks.moi.toml (built-in tiny model), run one step of our
 trainer and one step of the recipe's train.py (transformers + accelerate, CPU), and check that the
 two step-1 losses agree within 0.5 %. Later steps (--steps) are compared too, which tests the
-optimizer, learning-rate schedule and clipping.
+optimizer, learning-rate schedule and clipping. The isolated recipe is also trained over two CPU
+processes, with torchrun (DDP) and with the recipe's accelerate FSDP config, whose losses must
+equal the single process's.
 
 Usage: python scripts/check_recipe.py [--bin target/release/moi-studio] [--steps 5] [--json]
 Where this Python lacks torch, transformers and accelerate, the script makes the bench virtualenv
@@ -91,6 +93,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="train.py steps after the parity step")
     ap.add_argument("--base-steps", type=int, default=60,
                     help="steps our trainer trains the starting model for")
+    ap.add_argument("--processes", type=int, default=2,
+                    help="also train the isolated recipe over this many CPU processes (DDP and "
+                         "FSDP); 1 = skip")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = []
@@ -126,6 +131,28 @@ def main():
             evals = [e for e in events(theirs.stdout) if e.get("event") == "eval"]
             their_loss = steps[0]["loss"]
             rel = abs(their_loss - our_loss) / our_loss
+            spread = {}
+            if args.processes > 1 and not lora and attention == "isolated":
+                # The same steps over several processes: DDP (torchrun, gloo on CPU) and the
+                # recipe's FSDP config must give the single process's losses.
+                bindir = os.path.dirname(sys.executable)
+                launchers = {
+                    "ddp": [os.path.join(bindir, "torchrun"), f"--nproc_per_node={args.processes}"],
+                    "fsdp": [os.path.join(bindir, "accelerate"), "launch", "--config_file",
+                             os.path.join(recipe, "accelerate", "fsdp.yaml"),
+                             "--num_processes", str(args.processes)],
+                }
+                for kind, launcher in launchers.items():
+                    multi = subprocess.run(
+                        [*launcher, os.path.join(recipe, "train.py"), "--output",
+                         out + "-" + kind, "--max-steps", str(max(args.steps, 1)), "--no-save",
+                         "--no-eval", "--threads", "1"],
+                        check=True, capture_output=True, text=True)
+                    started = next(e for e in events(multi.stdout) if e.get("event") == "started")
+                    assert started["processes"] == args.processes, (kind, started)
+                    losses = [e["loss"] for e in events(multi.stdout) if e.get("event") == "step"]
+                    spread[kind] = max(abs(a - b["loss"]) / b["loss"] for a, b in zip(losses, steps))
+                    assert len(losses) == len(steps), (kind, losses)
             results.append({
                 "attention": attention, "loss_norm": norm, "lora": lora, "ours_step1": our_loss,
                 "train_py_step1": their_loss, "relative_difference": rel,
@@ -133,7 +160,9 @@ def main():
                 # Later steps also test the optimizer, schedule and clipping (not held to 0.5 %).
                 "later_steps_largest_difference": None if lora else max(
                     [abs(a - s["loss"]) / a for a, s in zip(our_losses[1:], steps[1:])] or [0.0]),
-                "eval_rows": len(evals), "ok": rel < 0.005,
+                "eval_rows": len(evals), "ok": rel < 0.005 and all(v < 1e-5 for v in spread.values()),
+                "processes": args.processes if spread else 1,
+                "multi_process_largest_difference": spread,
             })
     # The layouts must matter for the check to mean anything.
     full = results[0]["ours_step1"]
@@ -154,7 +183,9 @@ def main():
                      if r["later_steps_largest_difference"] is not None else "; LoRA: A drawn differently)")
                   + f"; {r['eval_rows']} eval rows"
                   + (f"; {100 * r['differs_from_full']:.2f} % from full attention"
-                     if "differs_from_full" in r else ""))
+                     if "differs_from_full" in r else "")
+                  + "".join(f"; {r['processes']} processes, {k}: losses differ by {100 * v:.5f} % at most"
+                            for k, v in r["multi_process_largest_difference"].items()))
     return 0 if all(r["ok"] for r in results) else 1
 
 

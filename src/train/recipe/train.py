@@ -258,9 +258,11 @@ def main():
     torch.manual_seed(r["seed"])
     # Each process takes every world-th micro-batch of a step; a process with fewer micro-batches
     # than the others at an epoch's last step runs one with zero weights, so all stay in step.
-    world = PartialState().num_processes
+    # Without an accelerator, several processes (torchrun, accelerate launch) train on CPUs.
+    cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    world = PartialState(cpu=cpu).num_processes
     micro_per_rank = max(math.ceil(r["grad_accum"] / world), 1)
-    accelerator = Accelerator(gradient_accumulation_steps=micro_per_rank)
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=micro_per_rank)
     rank = accelerator.process_index
     device = accelerator.device
     dtype = getattr(torch, args.dtype)
