@@ -180,6 +180,21 @@ fn the_recipe_holds_the_trainers_rows_step_by_step_and_every_tasks_eval_under_bo
     let convs = lists(&eval, "input_ids");
     let prompts = lists(&eval, "prompt_ids");
     assert!(convs.iter().zip(&prompts).all(|(c, p)| p.len() < c.len()));
+
+    // A hub id cannot stand in for the built-in model: its tokenizer is not the rows'.
+    let refused = studio()
+        .args(["export-recipe", project.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("hub"))
+        .args(["--model", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("built-in") && stderr.contains("tokenizer"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("hub/train.parquet").exists());
 }
 
 /// Logits of `model` on `ids` (one row, full attention).

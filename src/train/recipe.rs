@@ -75,6 +75,14 @@ pub fn export_recipe(
 ) -> anyhow::Result<RecipeSummary> {
     let project = &spec.project;
     let out = &spec.out;
+    if let (Some(id), ModelChoice::Tiny) = (&spec.hub_model, &spec.model) {
+        bail!(
+            "{id} is not a local model, and the project's model is the built-in one, whose \
+             tokenizer no hub model shares; set the project's model to a local copy of {id} \
+             (a Hugging Face folder or GGUF file) so that the rows are its token ids, or pass \
+             --model with that local path"
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     say("reading the tasks' data".into());
     let data = load_project(project, &mut |_| {});
