@@ -457,6 +457,30 @@ fn train_in_phases_from_the_command_line() {
     let err =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'rating'"), "{err}");
+    // The loss difficulty scores every record with the model first, task by task, saying so.
+    let out = train(&["--phases", "2", "--difficulty", "loss"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scored: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["event"] == "log")
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .filter(|m| m.starts_with("scored "))
+        .collect();
+    assert_eq!(scored.len(), 3, "{scored:?}");
+    let last = scored.last().unwrap();
+    let (done, total) = last
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.strip_suffix(" records)"))
+        .and_then(|r| r.split_once(" of "))
+        .unwrap();
+    assert_eq!(done, total, "{last}");
+
     let out = train(&["--difficulty", "loss"]);
     assert!(!out.status.success());
     assert!(

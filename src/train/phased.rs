@@ -21,6 +21,7 @@ pub fn difficulty_scores(
     data: &[TaskData],
     model: &Decoder,
     budget: usize,
+    progress: &mut dyn FnMut(String),
 ) -> anyhow::Result<(Vec<Vec<f64>>, u64)> {
     let mut unscored = 0u64;
     let mut out = Vec::with_capacity(prepared.tasks.len());
@@ -62,9 +63,34 @@ pub fn difficulty_scores(
             }
         }
         Difficulty::Loss => {
+            let total: usize = prepared.tasks.iter().map(|t| t.samples.len()).sum();
+            let mut done = 0;
+            // Records longer than the model's context are scored on the part it reads (the
+            // trainer cuts them too).
+            let limit = model.config.max_position_embeddings.max(2);
             for t in &prepared.tasks {
-                let samples: Vec<&SampleTokens> = t.samples.iter().collect();
+                let fitted: Vec<std::borrow::Cow<SampleTokens>> = t
+                    .samples
+                    .iter()
+                    .map(|s| {
+                        if s.input_ids.len() <= limit {
+                            std::borrow::Cow::Borrowed(s)
+                        } else {
+                            std::borrow::Cow::Owned(SampleTokens {
+                                input_ids: s.input_ids[..limit].to_vec(),
+                                labels: s.labels[..limit].to_vec(),
+                                system: s.system.clone(),
+                            })
+                        }
+                    })
+                    .collect();
+                let samples: Vec<&SampleTokens> = fitted.iter().map(|c| c.as_ref()).collect();
                 let scores = score_samples(model, &samples, budget)?;
+                done += samples.len();
+                progress(format!(
+                    "scored {} by the model's loss ({done} of {total} records)",
+                    t.name
+                ));
                 out.push(scores.iter().map(|s| s.mean_loss()).collect());
             }
         }

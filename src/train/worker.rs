@@ -522,6 +522,7 @@ fn run_worker(
             &data,
             &parts.model,
             eval_set.batch_tokens,
+            &mut |m| log(events, m),
         )?;
         let built =
             phased::build_phases(phase_settings, &prepared, &scores, unscored, project.seed);
