@@ -1,20 +1,17 @@
 //! The training worker end to end on the demo project with the built-in tiny model: events in
 //! order, a run folder with every event, the model folder; Stop stops.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use moi_studio::core::events::{PromptKind, TrainCommand, TrainEvent};
-use moi_studio::core::project::Project;
 use moi_studio::train::worker::{ModelChoice, RunSpec, resume_spec, spawn_run};
 
 fn spec(runs: &std::path::Path, steps: u64) -> RunSpec {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/benchmarks.moi.toml");
-    let mut project = Project::load(&path).unwrap();
-    project.packing.max_seq_len = 128;
-    project.training.batch_rows = 1;
+    let mut project = common::quick_benchmarks();
     project.training.eval_items = 4;
-    project.training.eval_generate = 1;
     for task in &mut project.tasks {
         task.max_new_tokens = 8;
     }

@@ -170,6 +170,8 @@ pub struct RunEntry {
     pub summary: Option<serde_json::Value>,
     /// `run.json`, written when it starts (the model and whether it is LoRA).
     pub info: Option<serde_json::Value>,
+    /// Whether it has a finished `model/` folder to export (read when listed, not per frame).
+    pub has_model: bool,
 }
 
 fn read_json(path: &Path) -> Option<serde_json::Value> {
@@ -194,6 +196,7 @@ pub fn list_runs(runs_dir: &Path) -> Vec<RunEntry> {
                 .unwrap_or_default(),
             summary: read_json(&dir.join("summary.json")),
             info: read_json(&dir.join("run.json")),
+            has_model: dir.join("model").is_dir(),
             dir,
         })
         .collect();

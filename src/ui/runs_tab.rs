@@ -144,23 +144,18 @@ impl StudioApp {
                         ui.label(summary_text(run.summary.as_ref(), "final_loss"));
                         ui.label(summary_text(s, "best_eval_loss"));
                         ui.horizontal(|ui| {
+                            let has_model = run.has_model;
                             if ui.button("Open folder").clicked() {
                                 open = Some(run.dir.clone());
                             }
                             if ui
-                                .add_enabled(
-                                    run.dir.join("model").is_dir(),
-                                    egui::Button::new("Export…"),
-                                )
+                                .add_enabled(has_model, egui::Button::new("Export…"))
                                 .clicked()
                             {
                                 export = Some(run.dir.clone());
                             }
                             if ui
-                                .add_enabled(
-                                    run.dir.join("model").is_dir(),
-                                    egui::Button::new("GGUF…"),
-                                )
+                                .add_enabled(has_model, egui::Button::new("GGUF…"))
                                 .on_hover_text(
                                     "Write the model as a llama.cpp GGUF file (the weight type \
                                      chosen above) with an Ollama Modelfile",

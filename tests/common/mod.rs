@@ -25,14 +25,10 @@ pub fn fetched(relative: &str) -> PathBuf {
     path
 }
 
-/// The benchmark project saved into `dir` as `quick.moi.toml`, made quick (128-token rows, one
-/// row a step, few held-out items, short answers), then changed by `edit`; its sources still
-/// point at the shipped data.
+/// The benchmark project made quick: 128-token rows, one row a step, few held-out items, short
+/// answers; its sources still point at the shipped data.
 #[allow(dead_code)]
-pub fn quick_project(
-    dir: &Path,
-    edit: impl FnOnce(&mut moi_studio::core::project::Project),
-) -> PathBuf {
+pub fn quick_benchmarks() -> moi_studio::core::project::Project {
     let mut project =
         moi_studio::core::project::Project::load(&root().join("presets/benchmarks.moi.toml"))
             .unwrap();
@@ -43,6 +39,16 @@ pub fn quick_project(
     for task in &mut project.tasks {
         task.max_new_tokens = 4;
     }
+    project
+}
+
+/// [`quick_benchmarks`] changed by `edit` and saved into `dir` as `quick.moi.toml`.
+#[allow(dead_code)]
+pub fn quick_project(
+    dir: &Path,
+    edit: impl FnOnce(&mut moi_studio::core::project::Project),
+) -> PathBuf {
+    let mut project = quick_benchmarks();
     edit(&mut project);
     let path = dir.join("quick.moi.toml");
     project.save(&path).unwrap();
