@@ -24,6 +24,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::train::model::PAD_SEGMENT;
+use crate::train::vexp;
 
 /// The contiguous f32 data of a CPU storage.
 fn data<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -300,18 +301,11 @@ impl SegmentAttention {
             }
             match lse {
                 Some(lse) => {
-                    let l = lse[i];
-                    for s in row.iter_mut() {
-                        *s = (*s - l).exp();
-                    }
+                    vexp::exp_in_place(row, lse[i]);
                 }
                 None => {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
+                    let max = vexp::max(row);
+                    let sum = vexp::exp_in_place(row, max);
                     let inv = 1.0 / sum;
                     for s in row.iter_mut() {
                         *s *= inv;
@@ -809,10 +803,6 @@ pub fn rope(x: &Tensor, positions: Arc<Vec<u32>>, tables: Arc<RopeTables>) -> Re
 
 struct SwigluOp;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwigluOp {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -837,9 +827,7 @@ impl CustomOp2 for SwigluOp {
         y.par_chunks_mut(4096)
             .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
             .for_each(|(y, (g, u))| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
-                }
+                vexp::swiglu_into(y, g, u);
             });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
@@ -861,11 +849,7 @@ impl CustomOp2 for SwigluOp {
                         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
                         .zip(dy.par_chunks(4096))
                         .for_each(|(((dg, du), (g, u)), dy)| {
-                            for i in 0..dg.len() {
-                                let s = sigmoid(g[i]);
-                                du[i] = dy[i] * g[i] * s;
-                                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                            }
+                            vexp::swiglu_grad_into(dg, du, g, u, dy);
                         });
                     Ok((dg, du))
                 })
@@ -916,9 +900,8 @@ impl CustomOp1 for NextTokenLogProb {
             .into_par_iter()
             .map(|k| {
                 let row = &logits[rows.row_of(k) * v..][..v];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-                let lse = max + sum.ln();
+                let max = vexp::max(row);
+                let lse = max + vexp::sum_exp(row, max).ln();
                 (row[self.targets[k] as usize] - lse, lse)
             })
             .unzip();
@@ -946,10 +929,7 @@ impl CustomOp1 for NextTokenLogProb {
                     if gk == 0.0 {
                         return;
                     }
-                    let row = &x[pos * v..][..v];
-                    for (o, x) in out.iter_mut().zip(row) {
-                        *o = -gk * (x - lse[k]).exp();
-                    }
+                    vexp::scaled_exp_into(out, &x[pos * v..][..v], lse[k], -gk);
                     out[self.targets[k] as usize] += gk;
                 });
                 Ok(dl)
@@ -1257,6 +1237,9 @@ impl CustomOp3 for LoraLinear {
             &Layout::contiguous(a.shape()),
             &Layout::contiguous(b.shape()),
         )?;
+        // The input's gradient is the costly product (`m × in × out`); a LoRA adapter on the first
+        // layer reads the frozen embedding's output, which nothing asks the gradient of.
+        let want_dx = x.track_op();
         let (dx, da, db) = with_data(x, |x| {
             with_data(a, |a| {
                 with_data(b, |b| {
@@ -1265,8 +1248,6 @@ impl CustomOp3 for LoraLinear {
                             let xd = self.adapter_input(x);
                             let mut u = vec![0f32; m * rank];
                             let mut gu = vec![0f32; m * rank];
-                            let mut dx = vec![0f32; m * in_dim];
-                            let mut dxd = vec![0f32; m * in_dim];
                             let mut da = vec![0f32; rank * in_dim];
                             let mut db = vec![0f32; out_dim * rank];
                             // SAFETY: shapes as in the forward pass.
@@ -1292,27 +1273,6 @@ impl CustomOp3 for LoraLinear {
                                     false,
                                     self.scale,
                                 );
-                                // dx = g · W (+ gu · A through the dropout)
-                                matmul_par(
-                                    (m, in_dim, out_dim),
-                                    &mut dx,
-                                    false,
-                                    g,
-                                    false,
-                                    w,
-                                    false,
-                                    1.0,
-                                );
-                                matmul_par(
-                                    (m, in_dim, rank),
-                                    &mut dxd,
-                                    false,
-                                    &gu,
-                                    false,
-                                    a,
-                                    false,
-                                    1.0,
-                                );
                                 // dA = guᵀ · d(x); dB = s · gᵀ · u
                                 matmul_par(
                                     (rank, in_dim, m),
@@ -1335,18 +1295,61 @@ impl CustomOp3 for LoraLinear {
                                     self.scale,
                                 );
                             }
-                            let dxd = self.adapter_input(&dxd);
-                            for (d, e) in dx.iter_mut().zip(dxd.iter()) {
-                                *d += e;
+                            if !want_dx {
+                                return Ok((None, da, db));
                             }
-                            Ok((dx, da, db))
+                            let mut dx = vec![0f32; m * in_dim];
+                            // SAFETY: as above.
+                            unsafe {
+                                // dx = g · W + d(gu · A): without dropout the adapter's part
+                                // accumulates straight into dx.
+                                matmul_par(
+                                    (m, in_dim, out_dim),
+                                    &mut dx,
+                                    false,
+                                    g,
+                                    false,
+                                    w,
+                                    false,
+                                    1.0,
+                                );
+                                if self.dropout.is_none() {
+                                    matmul_par(
+                                        (m, in_dim, rank),
+                                        &mut dx,
+                                        true,
+                                        &gu,
+                                        false,
+                                        a,
+                                        false,
+                                        1.0,
+                                    );
+                                } else {
+                                    let mut dxd = vec![0f32; m * in_dim];
+                                    matmul_par(
+                                        (m, in_dim, rank),
+                                        &mut dxd,
+                                        false,
+                                        &gu,
+                                        false,
+                                        a,
+                                        false,
+                                        1.0,
+                                    );
+                                    let dxd = self.adapter_input(&dxd);
+                                    for (d, e) in dx.iter_mut().zip(dxd.iter()) {
+                                        *d += e;
+                                    }
+                                }
+                            }
+                            Ok((Some(dx), da, db))
                         })
                     })
                 })
             })
         })?;
         Ok((
-            Some(tensor_like(dx, x.shape(), x)?),
+            dx.map(|dx| tensor_like(dx, x.shape(), x)).transpose()?,
             Some(tensor_like(da, a.shape(), a)?),
             Some(tensor_like(db, b.shape(), b)?),
         ))
@@ -1669,6 +1672,31 @@ pub(crate) mod tests {
                 assert_close(name, a, b, 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn a_lora_linear_on_an_untracked_input_still_trains_its_adapter() {
+        // The first layer's adapters read the frozen embedding: no input gradient is asked for,
+        // and the adapter's gradients must be those of the tracked case.
+        let w = random(&[12, 10], 13);
+        let x = random(&[6, 10], 14);
+        let inputs = [x.clone(), random(&[3, 10], 15), random(&[12, 3], 16)];
+        let (_, tracked) = grads(&inputs, |v| {
+            lora_linear(&v[0], &w, (&v[1], &v[2], 2.0), None).unwrap()
+        });
+        let (a, b) = (
+            Var::from_tensor(&inputs[1]).unwrap(),
+            Var::from_tensor(&inputs[2]).unwrap(),
+        );
+        let out = lora_linear(&x, &w, (a.as_tensor(), b.as_tensor(), 2.0), None).unwrap();
+        let r = random(out.dims(), 99);
+        let g = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            g.get(&x).is_none(),
+            "no gradient for an input nothing trains through"
+        );
+        assert_close("dA", g.get(a.as_tensor()).unwrap(), &tracked[1], 1e-6);
+        assert_close("dB", g.get(b.as_tensor()).unwrap(), &tracked[2], 1e-6);
     }
 
     #[test]

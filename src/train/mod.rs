@@ -20,4 +20,5 @@ pub mod recipe;
 pub mod score;
 pub mod tiny;
 pub mod trainer;
+pub mod vexp;
 pub mod worker;
