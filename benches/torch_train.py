@@ -50,6 +50,8 @@ def main():
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--gguf", help="train this GGUF model (SmolLM2) with LoRA r 8 on q,k,v,o via "
                    "PEFT instead of the tiny model")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="gradient (activation) checkpointing per layer, non-reentrant")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -64,6 +66,10 @@ def main():
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         model = get_peft_model(model, lora).train()
+        if a.checkpointing:
+            # The embedding is frozen: without this the checkpointed blocks see an input that
+            # needs no gradient and PEFT's adapters would get none.
+            model.enable_input_require_grads()
     else:
         here = os.path.dirname(os.path.abspath(__file__))
         with open(os.path.join(here, "..", "presets", "tiny_model.json")) as f:
@@ -72,6 +78,8 @@ def main():
         cfg["vocab_size"] = a.vocab
         config = LlamaConfig(**cfg, attn_implementation=a.attn)
         model = LlamaForCausalLM(config).float().train()
+    if a.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
@@ -114,6 +122,7 @@ def main():
             "steps": a.steps, "rows": a.rows, "seq": a.seq, "segment": a.segment,
             "vocab": a.vocab, "tokens_per_s": tps, "s_per_step": sps,
             "threads": a.threads, "attn": a.attn, "peak_rss_mib": peak_rss_mib,
+            "checkpointing": a.checkpointing,
             "first_loss": losses[0] if losses else float("nan"),
             "last_loss": losses[-1] if losses else float("nan"),
         }))

@@ -1,7 +1,7 @@
 //! Training throughput and peak memory, ours beside PyTorch's, in one invocation.
 //!
 //!   cargo bench --bench train -- [CASE…] [--steps N]      (cases: tiny lora smollm2 smollm2x4
-//!                                                          scaling; default all)
+//!                                                          smollm2ckpt scaling; default all)
 //!
 //! Cases (each runs ours, then the Python anchor, each in a child process so that peak resident
 //! memory is its own):
@@ -12,6 +12,9 @@
 //! - `smollm2`, `smollm2x4`: SmolLM2-135M-Instruct from the GGUF `scripts/fetch_models.sh`
 //!   fetches, LoRA r 8 on q,k,v,o, 1 × 512 and 4 × 512; anchor: `torch_train.py --gguf`
 //!   (transformers + PEFT).
+//! - `smollm2ckpt`: as `smollm2x4` with activation checkpointing per layer on both sides
+//!   (ours: `training.activation_checkpointing`; the anchor: transformers' gradient
+//!   checkpointing, non-reentrant).
 //! - `scaling`: the tiny model at 512, 1,024 and 2,048-token rows, one segment per row (full
 //!   attention) against eight equal segments per row (isolated), ours only.
 //!
@@ -34,7 +37,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use moi_studio::core::packing::{PackedRow, Segment, SegmentKind};
 use moi_studio::core::train_settings::{AdamWConfig, LoraSettings, LoraTarget, LossNorm};
-use moi_studio::train::batch::{StepNorm, batch_loss, make_step_batch};
+use moi_studio::train::batch::{StepNorm, batch_backward, make_step_batch};
 use moi_studio::train::config::ModelConfig;
 use moi_studio::train::gguf::load_gguf;
 use moi_studio::train::model::{Decoder, init_lora, init_weights, named_vars};
@@ -117,12 +120,11 @@ fn measure(
     for step in 0..WARMUP + steps {
         let start = Instant::now();
         let batch = make_step_batch(rows, &norm, &dev).expect("batch");
-        let loss = batch_loss(model, &batch).expect("forward");
-        let value = f64::from(loss.to_scalar::<f32>().expect("loss"));
+        let (value, _, step_grads) = batch_backward(model, &batch).expect("forward and backward");
+        let value = f64::from(value);
         // As the trainer does: keep the trained variables' gradients, detached.
         let mut grads = GradStore::default();
-        accumulate_grads(&mut grads, loss.backward().expect("backward"), &vars).expect("grads");
-        drop(loss);
+        accumulate_grads(&mut grads, step_grads, &vars).expect("grads");
         clip_grad_norm(&mut grads, &vars, 1.0).expect("clip");
         opt.step(&grads, 1e-3).expect("step");
         if step >= WARMUP {
@@ -200,12 +202,13 @@ fn child(case: &str, rows_n: usize, seq: usize, segment: usize, steps: usize) {
                 measure(&model, named_vars(&weights), &data, steps)
             }
         }
-        "smollm2" => {
+        "smollm2" | "smollm2ckpt" => {
             let (loaded, _) = load_gguf(&smollm2_path(), &dev).expect("SmolLM2 GGUF");
             let config = loaded.config.clone();
             let base = loaded.weights;
             drop(loaded.model);
-            let (model, trainable) = with_lora(&config, &base, &dev);
+            let (mut model, trainable) = with_lora(&config, &base, &dev);
+            model.set_activation_checkpointing(case == "smollm2ckpt");
             let data = rows(rows_n, seq, segment, config.vocab_size, 7);
             measure(&model, trainable, &data, steps)
         }
@@ -258,7 +261,13 @@ fn python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-fn anchor(gguf: bool, rows_n: usize, seq: usize, steps: usize) -> Result<Measured, String> {
+fn anchor(
+    gguf: bool,
+    rows_n: usize,
+    seq: usize,
+    steps: usize,
+    checkpointing: bool,
+) -> Result<Measured, String> {
     let py = python().ok_or("no Python with torch: see the bench's header for the venv")?;
     let mut cmd = Command::new(py);
     cmd.arg(root().join("benches/torch_train.py")).args([
@@ -274,6 +283,9 @@ fn anchor(gguf: bool, rows_n: usize, seq: usize, steps: usize) -> Result<Measure
         &WARMUP.to_string(),
         "--json",
     ]);
+    if checkpointing {
+        cmd.arg("--checkpointing");
+    }
     if gguf {
         cmd.arg("--gguf").arg(smollm2_path());
     } else {
@@ -328,7 +340,7 @@ fn main() {
         let full = ours("tiny", 4, 512, SEGMENT, steps);
         show("ours, full fine-tuning", &full);
         if want("tiny") {
-            let torch = anchor(false, 4, 512, steps);
+            let torch = anchor(false, 4, 512, steps, false);
             show("PyTorch eager, full fine-tuning", &torch);
             ratio("ours / PyTorch", &full, &torch);
         }
@@ -338,19 +350,33 @@ fn main() {
             ratio("LoRA / our full fine-tuning", &lora, &full);
         }
     }
-    for (c, rows_n) in [("smollm2", 1), ("smollm2x4", 4)] {
+    for (c, rows_n, checkpointing) in [
+        ("smollm2", 1, false),
+        ("smollm2x4", 4, false),
+        ("smollm2ckpt", 4, true),
+    ] {
         if !want(c) {
             continue;
         }
-        println!("SmolLM2-135M-Instruct, LoRA r8 q,k,v,o, {rows_n} x 512:");
+        let how = if checkpointing {
+            ", activations checkpointed per layer on both sides"
+        } else {
+            ""
+        };
+        println!("SmolLM2-135M-Instruct, LoRA r8 q,k,v,o, {rows_n} x 512{how}:");
         if !smollm2_path().exists() {
             println!("  not measured: run scripts/fetch_models.sh first");
             continue;
         }
         let steps = steps.min(5);
-        let ours_m = ours("smollm2", rows_n, 512, SEGMENT, steps);
+        let child = if checkpointing {
+            "smollm2ckpt"
+        } else {
+            "smollm2"
+        };
+        let ours_m = ours(child, rows_n, 512, SEGMENT, steps);
         show("ours", &ours_m);
-        let torch = anchor(true, rows_n, 512, steps);
+        let torch = anchor(true, rows_n, 512, steps, checkpointing);
         show("PyTorch + PEFT", &torch);
         ratio("ours / PyTorch + PEFT", &ours_m, &torch);
     }

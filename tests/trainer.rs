@@ -47,10 +47,14 @@ fn demo() -> &'static Demo {
 }
 
 fn model(seed: u64) -> (Decoder, Vec<(String, Var)>) {
+    model_of_depth(seed, 1)
+}
+
+fn model_of_depth(seed: u64, layers: usize) -> (Decoder, Vec<(String, Var)>) {
     let config = ModelConfig {
         hidden_size: 32,
         intermediate_size: 64,
-        num_hidden_layers: 1,
+        num_hidden_layers: layers,
         max_position_embeddings: 256,
         ..ModelConfig::tiny(demo().vocab)
     };
@@ -196,6 +200,56 @@ fn resuming_from_a_checkpoint_continues_exactly() {
     assert_eq!((ending, steps), (Ending::Finished, 20));
     assert_eq!(resumed.len(), 10);
     for ((s1, a), (s2, b)) in straight[10..].iter().zip(&resumed) {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() < 1e-5, "step {s1}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn a_checkpointed_run_trains_the_plain_run_and_resumes_exactly() {
+    let settings = TrainSettings {
+        grad_accum: 2,
+        ..settings()
+    };
+    let (plain_model, plain_params) = model_of_depth(4, 3);
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _, _) = run(
+        &plain_model,
+        &plain_params,
+        &settings,
+        plain_dir.path(),
+        None,
+        None,
+    );
+    let checkpointed_model = |seed| {
+        let (mut m, params) = model_of_depth(seed, 3);
+        m.set_activation_checkpointing(true);
+        (m, params)
+    };
+    let (m, params) = checkpointed_model(4);
+    let dir = tempfile::tempdir().unwrap();
+    let (checkpointed, ending, steps) = run(&m, &params, &settings, dir.path(), None, None);
+    assert_eq!((ending, steps), (Ending::Finished, 20));
+    assert_eq!(plain.len(), checkpointed.len());
+    for ((s, a), (_, b)) in plain.iter().zip(&checkpointed) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {s}: plain {a}, checkpointed {b}"
+        );
+    }
+    // Resumed from step 10 (into a model of another seed), it continues exactly.
+    let (m2, params2) = checkpointed_model(77);
+    let out2 = tempfile::tempdir().unwrap();
+    let (resumed, _, _) = run(
+        &m2,
+        &params2,
+        &settings,
+        out2.path(),
+        Some(&dir.path().join("checkpoint-10")),
+        None,
+    );
+    assert_eq!(resumed.len(), 10);
+    for ((s1, a), (s2, b)) in checkpointed[10..].iter().zip(&resumed) {
         assert_eq!(s1, s2);
         assert!((a - b).abs() < 1e-5, "step {s1}: {a} vs {b}");
     }

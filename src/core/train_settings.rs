@@ -116,6 +116,12 @@ pub struct TrainSettings {
     pub tiny: TinySize,
     /// Fused kernels or the composite ops.
     pub kernels: Kernels,
+    /// Keep only each layer's input through the forward pass and recompute the layer's
+    /// activations going backward: about a third more compute for a fraction of the
+    /// activation memory (long rows, big models). The memory plan also turns it on by itself
+    /// when even one row would not fit otherwise, and says so.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub activation_checkpointing: bool,
     /// Difficulty-phased training (one phase: off).
     #[serde(skip_serializing_if = "PhaseSettings::is_off")]
     pub phases: PhaseSettings,
@@ -243,6 +249,7 @@ impl Default for TrainSettings {
             lora: LoraSettings::default(),
             tiny: TinySize::default(),
             kernels: Kernels::Fused,
+            activation_checkpointing: false,
             phases: PhaseSettings::default(),
         }
     }

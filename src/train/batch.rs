@@ -2,6 +2,7 @@
 //! averaged over tokens or per sample then over samples (MoI v2's normalisation, so every answer
 //! counts as it would unpacked).
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, Device, Result, Tensor};
 
 use crate::core::packing::{PackedRow, SegmentKind};
@@ -195,25 +196,63 @@ pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
 /// The weighted loss (a scalar) and every target's log-probability `[b·(t−1)]`, from which
 /// per-task losses are read.
 pub fn batch_loss_parts(model: &Decoder, batch: &Batch) -> Result<(Tensor, Tensor)> {
-    let sel = &batch.trained_only;
-    if model.fused() && !sel.at.is_empty() {
-        // Only the trained positions go through the vocabulary-sized head: in an instruction
-        // batch most tokens are prompts, and their logits would only be thrown away.
+    if model.fused() && !batch.trained_only.at.is_empty() {
         if let Some(x) = model.hidden_train(&batch.input_ids, &batch.positions, &batch.mask)? {
-            let picked =
-                kernels::next_token_log_probs(&model.head_at(&x, &sel.rows)?, sel.ids.clone())?;
-            let loss = (&picked * &sel.weights)?.sum_all()?.neg()?;
-            let mut all = vec![0f32; batch.target_ids.len()];
-            for (&k, lp) in sel.at.iter().zip(picked.to_vec1::<f32>()?) {
-                all[k] = lp;
-            }
-            let n = all.len();
-            return Ok((loss, Tensor::from_vec(all, n, model.device())?));
+            return loss_of_hidden(model, batch, &x, true);
         }
     }
     let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;
+    loss_of_logits(model, batch, &logits)
+}
+
+/// One micro-batch's training pass and backward pass (checkpointed per layer when the model
+/// is set so): the loss's value, every target's log-probability `[b·(t−1)]` and the trained
+/// parameters' gradients.
+pub fn batch_backward(model: &Decoder, batch: &Batch) -> Result<(f32, Tensor, GradStore)> {
+    let mut parts = None;
+    let grads = model.backward(
+        &batch.input_ids,
+        &batch.positions,
+        &batch.mask,
+        |hidden, fused| {
+            let (loss, log_probs) = loss_of_hidden(model, batch, hidden, fused)?;
+            parts = Some((loss.to_scalar::<f32>()?, log_probs));
+            Ok(loss)
+        },
+    )?;
+    let (loss, log_probs) =
+        parts.ok_or_else(|| candle_core::Error::Msg("the loss was never computed".into()))?;
+    Ok((loss, log_probs, grads))
+}
+
+/// The loss and log-probabilities from the final hidden states `[b, t, hidden]`.
+fn loss_of_hidden(
+    model: &Decoder,
+    batch: &Batch,
+    hidden: &Tensor,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    let sel = &batch.trained_only;
+    if !(fused && !sel.at.is_empty()) {
+        return loss_of_logits(model, batch, &model.logits(hidden, fused)?);
+    }
+    // Only the trained positions go through the vocabulary-sized head: in an instruction
+    // batch most tokens are prompts, and their logits would only be thrown away.
+    let picked =
+        kernels::next_token_log_probs(&model.head_at(hidden, &sel.rows)?, sel.ids.clone())?;
+    let loss = (&picked * &sel.weights)?.sum_all()?.neg()?;
+    let mut all = vec![0f32; batch.target_ids.len()];
+    for (&k, lp) in sel.at.iter().zip(picked.to_vec1::<f32>()?) {
+        all[k] = lp;
+    }
+    let n = all.len();
+    Ok((loss, Tensor::from_vec(all, n, model.device())?))
+}
+
+/// The loss and log-probabilities from logits `[b, t, vocab]`.
+fn loss_of_logits(model: &Decoder, batch: &Batch, logits: &Tensor) -> Result<(Tensor, Tensor)> {
     if model.fused() {
-        let picked = kernels::next_token_log_probs(&logits, batch.target_ids.clone())?;
+        let picked = kernels::next_token_log_probs(logits, batch.target_ids.clone())?;
         let loss = (&picked * &batch.weights)?.sum_all()?.neg()?;
         return Ok((loss, picked.detach()));
     }

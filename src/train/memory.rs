@@ -71,6 +71,8 @@ pub struct RunShape<'a> {
     pub lora: Option<&'a LoraSettings>,
     /// Whether the fused kernels run (the composite ops keep much more).
     pub fused: bool,
+    /// Whether activations are checkpointed per layer (only each layer's input is kept).
+    pub checkpointing: bool,
 }
 
 /// Floats kept per token and layer by the fused forward pass for the backward pass.
@@ -117,10 +119,17 @@ pub fn step_memory(shape: &RunShape, tokens: usize, seq: usize) -> StepMemory {
             per_layer * 2 + 6 * (cfg.num_attention_heads as u64) * rows * (seq as u64).pow(2);
     }
     let vocab = cfg.vocab_size as u64;
+    let activations = if shape.checkpointing {
+        // Every layer's input, and one layer's activations with their gradients while it is
+        // run again going backward.
+        (layers * tokens * cfg.hidden_size as u64 + 2 * per_layer) * F32
+    } else {
+        per_layer * layers * F32
+    };
     StepMemory {
         gradients: 2 * shape.trainable * F32,
         optimizer: 2 * shape.trainable * F32,
-        activations: per_layer * layers * F32,
+        activations,
         logits: 2 * tokens * vocab * F32,
         allocator: 48 << 20,
     }
@@ -167,6 +176,8 @@ pub struct MemoryPlan {
     pub batch_rows: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Whether activations are checkpointed per layer (chosen, or needed to fit).
+    pub checkpointing: bool,
     /// What a step adds.
     pub step: StepMemory,
     /// Resident before the first step.
@@ -219,7 +230,9 @@ fn describe(m: &StepMemory) -> String {
 
 /// Plans `batch_rows × grad_accum` rows of `seq` tokens per step within `available` bytes
 /// (keeping a tenth in reserve), halving the micro-batch and raising the accumulation — the
-/// same rows per step, the same loss — until a step fits; refuses when one row cannot.
+/// same rows per step, the same loss — until a step fits. When even one row does not fit, it
+/// checkpoints activations per layer (if the shape does not already) and plans again from the
+/// requested micro-batch; it refuses when one checkpointed row cannot fit either.
 pub fn plan(
     shape: &RunShape,
     batch_rows: usize,
@@ -229,32 +242,54 @@ pub fn plan(
     available: Option<u64>,
 ) -> Result<MemoryPlan, NotEnoughMemory> {
     let rows_per_step = batch_rows.max(1) * grad_accum.max(1);
-    let mut rows = batch_rows.max(1);
     let budget = available.map(|a| a - a / 10);
-    loop {
+    let fits = |shape: &RunShape, rows: usize| {
         let step = step_memory(shape, rows * seq, seq);
-        let fits = budget.is_none_or(|b| step.total().max(export) <= b);
-        if fits {
-            let note = (rows != batch_rows.max(1)).then(|| {
-                format!(
-                    "memory: {batch_rows} rows per micro-batch would not fit in the {:.0} MiB \
-                     available; training {rows} rows at a time with {} micro-batches per step \
-                     instead (the same {rows_per_step} rows and loss per step)",
-                    available.unwrap_or(0) as f64 / MIB,
-                    rows_per_step.div_ceil(rows)
-                )
-            });
-            return Ok(MemoryPlan {
-                batch_rows: rows,
-                grad_accum: rows_per_step.div_ceil(rows),
-                step,
-                resident,
-                export,
-                available,
-                note,
-            });
+        (budget.is_none_or(|b| step.total().max(export) <= b), step)
+    };
+    let chosen = shape.checkpointing;
+    let mut shape = *shape;
+    loop {
+        let mut rows = batch_rows.max(1);
+        loop {
+            let (ok, step) = fits(&shape, rows);
+            if ok {
+                let mut notes = Vec::new();
+                if shape.checkpointing && !chosen {
+                    notes.push(format!(
+                        "one {seq}-token row would not fit in the {:.0} MiB available with \
+                         every layer's activations kept; checkpointing them per layer instead \
+                         (each layer is run again going backward: about a third more compute)",
+                        available.unwrap_or(0) as f64 / MIB,
+                    ));
+                }
+                if rows != batch_rows.max(1) {
+                    notes.push(format!(
+                        "{batch_rows} rows per micro-batch would not fit in the {:.0} MiB \
+                         available; training {rows} rows at a time with {} micro-batches per \
+                         step instead (the same {rows_per_step} rows and loss per step)",
+                        available.unwrap_or(0) as f64 / MIB,
+                        rows_per_step.div_ceil(rows)
+                    ));
+                }
+                return Ok(MemoryPlan {
+                    batch_rows: rows,
+                    grad_accum: rows_per_step.div_ceil(rows),
+                    checkpointing: shape.checkpointing,
+                    step,
+                    resident,
+                    export,
+                    available,
+                    note: (!notes.is_empty()).then(|| format!("memory: {}", notes.join("; "))),
+                });
+            }
+            if rows == 1 {
+                break;
+            }
+            rows = rows.div_ceil(2);
         }
-        if rows == 1 {
+        if shape.checkpointing {
+            let (_, step) = fits(&shape, 1);
             return Err(NotEnoughMemory {
                 seq,
                 need: step.total() as f64 / MIB,
@@ -262,17 +297,22 @@ pub fn plan(
                 what: describe(&step),
             });
         }
-        rows = rows.div_ceil(2);
+        shape.checkpointing = true;
     }
 }
 
 /// One line on a plan, for the run's log.
 pub fn summary(plan: &MemoryPlan) -> String {
     format!(
-        "memory plan: {:.0} MiB resident now + {:.0} MiB per step ({}) = {:.0} MiB peak{}",
+        "memory plan: {:.0} MiB resident now + {:.0} MiB per step ({}{}) = {:.0} MiB peak{}",
         plan.resident as f64 / MIB,
         plan.step.total() as f64 / MIB,
         describe(&plan.step),
+        if plan.checkpointing {
+            ", activations checkpointed per layer"
+        } else {
+            ""
+        },
         plan.peak() as f64 / MIB,
         plan.available.map_or(String::new(), |a| format!(
             ", {:.0} MiB available",
@@ -289,6 +329,14 @@ mod tests {
         ModelConfig::tiny(4096)
     }
 
+    /// The tiny model's width at SmolLM2's depth, where checkpointing pays.
+    fn deep() -> ModelConfig {
+        ModelConfig {
+            num_hidden_layers: 30,
+            ..tiny()
+        }
+    }
+
     #[test]
     fn memory_grows_with_tokens_and_lora_trains_less() {
         let cfg = tiny();
@@ -297,6 +345,7 @@ mod tests {
             trainable: 4_000_000,
             lora: None,
             fused: true,
+            checkpointing: false,
         };
         let a = step_memory(&full, 512, 512);
         let b = step_memory(&full, 2048, 512);
@@ -308,16 +357,34 @@ mod tests {
             ..full
         };
         assert!(step_memory(&composite, 512, 512).activations > 2 * a.activations);
+        // Checkpointing keeps one hidden-sized tensor per layer and token, and one layer's
+        // activations.
+        let deep = deep();
+        let plain = RunShape {
+            config: &deep,
+            ..full
+        };
+        let checkpointed = RunShape {
+            checkpointing: true,
+            ..plain
+        };
+        let (p, c) = (
+            step_memory(&plain, 2048, 512),
+            step_memory(&checkpointed, 2048, 512),
+        );
+        assert!(c.activations * 5 < p.activations, "{c:?} vs {p:?}");
+        assert!(c.activations > (deep.num_hidden_layers * 2048 * deep.hidden_size * 4) as u64);
     }
 
     #[test]
     fn a_plan_lowers_the_micro_batch_before_it_refuses() {
-        let cfg = tiny();
+        let cfg = deep();
         let shape = RunShape {
             config: &cfg,
             trainable: 4_000_000,
             lora: None,
             fused: true,
+            checkpointing: false,
         };
         let one = step_memory(&shape, 512, 512).total();
         let four = step_memory(&shape, 4 * 512, 512).total();
@@ -329,8 +396,23 @@ mod tests {
         let p = plan(&shape, 4, 2, 512, (0, 0), Some(two + two / 9 + 1)).unwrap();
         assert_eq!((p.batch_rows, p.grad_accum), (2, 4));
         assert!(p.note.unwrap().contains("2 rows at a time"));
-        // Not even one row: refused, with the numbers.
-        let e = plan(&shape, 4, 1, 512, (0, 0), Some(one / 2)).unwrap_err();
+        // Not one row with every activation kept, but room for four checkpointed ones:
+        // checkpointing turns on and the settings stand.
+        let checkpointed = RunShape {
+            checkpointing: true,
+            ..shape
+        };
+        let four_checkpointed = step_memory(&checkpointed, 4 * 512, 512).total();
+        assert!(four_checkpointed < one, "{four_checkpointed} vs {one}");
+        let p = plan(&shape, 4, 1, 512, (0, 0), Some(one)).unwrap();
+        assert_eq!((p.batch_rows, p.grad_accum, p.checkpointing), (4, 1, true));
+        assert!(p.note.unwrap().contains("checkpointing"));
+        // Chosen in the settings: no note.
+        let p = plan(&checkpointed, 4, 1, 512, (0, 0), Some(one)).unwrap();
+        assert!(p.checkpointing && p.note.is_none());
+        // Not even one checkpointed row: refused, with the numbers.
+        let one_checkpointed = step_memory(&checkpointed, 512, 512).total();
+        let e = plan(&shape, 4, 1, 512, (0, 0), Some(one_checkpointed / 2)).unwrap_err();
         assert!(e.to_string().contains("512-token row"), "{e}");
         assert!(e.need > e.available);
         // No figure from the system: the settings stand.

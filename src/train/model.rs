@@ -427,6 +427,27 @@ struct Layer {
     mlp: Mlp,
 }
 
+impl Layer {
+    /// The residual stream after this layer: attention, then the MLP, each on the normed input.
+    fn forward(
+        &self,
+        x: &Tensor,
+        pass: &Pass,
+        rotary: &Rotary,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let fused = pass.fused.is_some();
+        let h = self
+            .attn
+            .forward(&self.attn_norm.forward(x, fused)?, pass, rotary, cache)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.mlp_norm.forward(&x, fused)?, pass.train, fused)?;
+        x + h
+    }
+}
+
 /// The decoder.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -440,6 +461,19 @@ pub struct Decoder {
     device: Device,
     dropout: Arc<DropoutRng>,
     kernels: Kernels,
+    checkpointing: bool,
+}
+
+/// `grads` with every gradient detached. A variable's gradient comes out of candle's backward
+/// pass still tied to the graph that made it, and would keep that graph's activations alive.
+fn detached(mut grads: candle_core::backprop::GradStore) -> candle_core::backprop::GradStore {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(g) = grads.get_id(id).map(Tensor::detach) {
+            grads.insert_id(id, g);
+        }
+    }
+    grads
 }
 
 /// The attention pattern of a batch: segment ids per token (see [`attention_mask`]), or an
@@ -582,6 +616,7 @@ impl Decoder {
             config: cfg.clone(),
             device: vb.device().clone(),
             kernels: Kernels::default(),
+            checkpointing: false,
         })
     }
 
@@ -595,6 +630,18 @@ impl Decoder {
         self.kernels = kernels;
     }
 
+    /// Turns per-layer activation checkpointing on or off for [`Decoder::backward`]: a training
+    /// pass then keeps only each layer's input and recomputes the layer's activations while the
+    /// gradients flow back through it — one more forward pass, a fraction of the memory.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Whether [`Decoder::backward`] checkpoints activations per layer.
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
     /// Whether forward passes without a KV cache run the fused kernels: chosen, and the model is
     /// f32 on the CPU.
     pub fn fused(&self) -> bool {
@@ -603,7 +650,7 @@ impl Decoder {
 
     /// Which kernels run, in words, for the run's start.
     pub fn kernels_in_use(&self) -> String {
-        match (self.kernels, self.fused()) {
+        let kernels: String = match (self.kernels, self.fused()) {
             (Kernels::Composite, _) => "composite ops (chosen)".into(),
             (Kernels::Fused, true) => "fused CPU kernels".into(),
             (Kernels::Fused, false) => format!(
@@ -616,7 +663,11 @@ impl Decoder {
                     "a GPU"
                 }
             ),
+        };
+        if self.checkpointing {
+            return format!("{kernels}; activations checkpointed per layer");
         }
+        kernels
     }
 
     /// Logits `[b, t, vocab]` for `input_ids` `[b, t]` at `positions` `[b, t]` under the attention
@@ -667,12 +718,95 @@ impl Decoder {
         train: bool,
     ) -> Result<Tensor> {
         let (x, fused) = self.trunk(input_ids, positions, mask, cache, train)?;
+        self.logits(&x, fused)
+    }
+
+    /// Logits `[b, t, vocab]` of final hidden states `[b, t, hidden]`, through the head the
+    /// pass that made them used.
+    pub fn logits(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         if fused {
             let (b, t, hid) = x.dims3()?;
             let logits = self.head(&x.reshape((b * t, hid))?)?;
             return logits.reshape((b, t, logits.dim(1)?));
         }
-        self.lm_head.forward(&x)
+        self.lm_head.forward(x)
+    }
+
+    /// A training pass and its backward pass: `loss_of` turns the final hidden states
+    /// `[b, t, hidden]` (after the last norm; the flag says whether the fused kernels made
+    /// them) into the scalar loss, and the gradients of every trained parameter come back.
+    ///
+    /// With activation checkpointing on, the forward pass keeps only each layer's input (one
+    /// `[b, t, hidden]` tensor per layer) and drops the layer's activations; going backward,
+    /// each layer is run again from its input, with the same dropout masks, and its part of the
+    /// gradient is taken from `sum(output · upstream gradient)`. The gradients are the ones a
+    /// plain pass gives. Without it, this is `loss_of(hidden).backward()`.
+    pub fn backward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Mask,
+        loss_of: impl FnOnce(&Tensor, bool) -> Result<Tensor>,
+    ) -> Result<candle_core::backprop::GradStore> {
+        if !self.checkpointing {
+            let (x, fused) = self.trunk(input_ids, positions, mask, None, true)?;
+            return loss_of(&x, fused)?.backward();
+        }
+        let pass = self.pass(positions, mask, false, true)?;
+        let fused = pass.fused.is_some();
+        let missing = || candle_core::Error::Msg("no gradient reached a layer's input".into());
+        let embedded = self.embed.forward(input_ids)?;
+        // The first layer's input needs a gradient only when the embedding is trained.
+        let embedding_trained = embedded.track_op();
+        let tracked = |x: &Tensor, i: usize| -> Result<Tensor> {
+            if i > 0 || embedding_trained {
+                Ok(Var::from_tensor(x)?.as_tensor().clone())
+            } else {
+                Ok(x.clone())
+            }
+        };
+        let n = self.layers.len();
+        let mut inputs = Vec::with_capacity(n);
+        let mut dropout_calls = Vec::with_capacity(n);
+        let mut x = embedded.detach();
+        for layer in &self.layers[..n.saturating_sub(1)] {
+            dropout_calls.push(self.dropout.calls.load(Ordering::Relaxed));
+            // Detached: the layer's graph, and every activation it holds, goes with `out`.
+            let out = layer.forward(&x, &pass, &self.rotary, None)?.detach();
+            inputs.push(std::mem::replace(&mut x, out));
+        }
+        // The last layer keeps its graph: the loss's backward pass runs through it directly.
+        let input = tracked(&x, n.saturating_sub(1))?;
+        drop(x);
+        let mut out = input.clone();
+        if let Some(layer) = self.layers.last() {
+            out = layer.forward(&input, &pass, &self.rotary, None)?;
+        }
+        let mut grads = detached(loss_of(&self.norm.forward(&out, fused)?, fused)?.backward()?);
+        drop(out);
+        let mut upstream = match grads.remove(&input) {
+            Some(g) => g,
+            None if !input.track_op() => return Ok(grads),
+            None => return Err(missing()),
+        };
+        drop(input);
+        for (i, layer) in self.layers[..n.saturating_sub(1)].iter().enumerate().rev() {
+            let input = tracked(&inputs.pop().ok_or_else(missing)?, i)?;
+            self.dropout
+                .calls
+                .store(dropout_calls[i], Ordering::Relaxed);
+            let out = layer.forward(&input, &pass, &self.rotary, None)?;
+            let mut part = detached((out * &upstream)?.sum_all()?.backward()?);
+            part.remove(&upstream);
+            if input.track_op() {
+                upstream = part.remove(&input).ok_or_else(missing)?;
+            }
+            grads.extend(part)?;
+        }
+        if embedding_trained {
+            grads.extend((embedded * &upstream)?.sum_all()?.backward()?)?;
+        }
+        Ok(grads)
     }
 
     /// The final hidden states `[b, t, hidden]` (after the last norm) in training mode, when the
@@ -728,17 +862,7 @@ impl Decoder {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.attn.forward(
-                &layer.attn_norm.forward(&x, fused)?,
-                &pass,
-                &self.rotary,
-                slot,
-            )?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.mlp_norm.forward(&x, fused)?, train, fused)?;
-            x = (x + h)?;
+            x = layer.forward(&x, &pass, &self.rotary, slot)?;
         }
         Ok((self.norm.forward(&x, fused)?, fused))
     }
@@ -1057,6 +1181,122 @@ mod tests {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         (loss.to_scalar().unwrap(), out)
+    }
+
+    /// The loss and the gradients of `vars` through [`Decoder::backward`], with activation
+    /// checkpointing on or off.
+    fn backward_grads(
+        model: &mut Decoder,
+        vars: &[(String, Var)],
+        checkpointing: bool,
+        seed: u64,
+    ) -> (f32, Vec<(String, Tensor)>) {
+        model.set_activation_checkpointing(checkpointing);
+        model.set_dropout_seed(seed);
+        let ids = vec![vec![1, 5, 9, 3, 7, 2, 8, 4], vec![6, 2, 2, 9, 1, 0, 0, 0]];
+        let segs = [
+            vec![0, 1, 1, 1, 2, 2, 2, 2],
+            vec![1, 1, 1, 1, 1, PAD_SEGMENT, PAD_SEGMENT, PAD_SEGMENT],
+        ];
+        let (input, pos, mask) = batch(&ids, &segs);
+        let targets = Tensor::new(&[5u32, 9, 3, 7, 2, 8, 4, 1], &Device::Cpu).unwrap();
+        let mut value = 0f32;
+        let model = &*model;
+        let grads = model
+            .backward(&input, &pos, &mask, |hidden, fused| {
+                let logits = model.logits(hidden, fused)?;
+                let loss = candle_nn::loss::cross_entropy(&logits.get(0)?, &targets)?;
+                value = loss.to_scalar()?;
+                Ok(loss)
+            })
+            .unwrap();
+        let grads = vars
+            .iter()
+            .map(|(name, v)| {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| {
+                    panic!("no gradient reaches {name} (checkpointing {checkpointing})")
+                });
+                (name.clone(), g.clone())
+            })
+            .collect();
+        (value, grads)
+    }
+
+    fn assert_same_grads(
+        what: &str,
+        a: &(f32, Vec<(String, Tensor)>),
+        b: &(f32, Vec<(String, Tensor)>),
+    ) {
+        assert!((a.0 - b.0).abs() < 1e-6, "{what}: loss {} vs {}", a.0, b.0);
+        for ((name, x), (_, y)) in a.1.iter().zip(&b.1) {
+            let norm: f32 = x.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(norm > 0.0, "{what}: zero gradient for {name}");
+            let diff = crate::train::kernels::tests::max_diff(x, y);
+            assert!(diff < 1e-5, "{what}: {name}'s gradients differ by {diff}");
+        }
+    }
+
+    #[test]
+    fn checkpointed_layers_give_the_plain_gradients() {
+        for kernels in [Kernels::Fused, Kernels::Composite] {
+            let (mut model, varmap) = new_trainable(&tiny(), 3, &Device::Cpu).unwrap();
+            model.set_kernels(kernels);
+            let vars = named_vars(&varmap);
+            let plain = backward_grads(&mut model, &vars, false, 7);
+            let checkpointed = backward_grads(&mut model, &vars, true, 7);
+            assert_same_grads(&format!("full, {kernels:?}"), &plain, &checkpointed);
+        }
+    }
+
+    #[test]
+    fn checkpointed_lora_layers_redraw_the_same_dropout() {
+        let cfg = tiny();
+        let dev = Device::Cpu;
+        let base: Vec<(String, Tensor)> = named_vars(&init_weights(&cfg, 5, &dev).unwrap())
+            .into_iter()
+            .map(|(k, v)| (k, v.as_detached_tensor()))
+            .collect();
+        let settings = LoraSettings {
+            enabled: true,
+            dropout: 0.3,
+            targets: vec![
+                LoraTarget::Q,
+                LoraTarget::V,
+                LoraTarget::Gate,
+                LoraTarget::Down,
+            ],
+            ..LoraSettings::default()
+        };
+        let adapters = init_lora(&cfg, &settings, 9, &dev).unwrap();
+        let vars = named_vars(&adapters);
+        // B starts at zero; random values let every A see a gradient too.
+        for (name, v) in &vars {
+            if name.ends_with("lora_B.weight") {
+                v.set(&Tensor::randn(0f32, 0.1, v.dims(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        for kernels in [Kernels::Fused, Kernels::Composite] {
+            let mut model = Decoder::with_lora(
+                &cfg,
+                VarBuilder::from_tensors(base.iter().cloned().collect(), DType::F32, &dev),
+                &settings,
+                VarBuilder::from_varmap(&adapters, DType::F32, &dev),
+            )
+            .unwrap();
+            model.set_kernels(kernels);
+            let plain = backward_grads(&mut model, &vars, false, 7);
+            let checkpointed = backward_grads(&mut model, &vars, true, 7);
+            assert_same_grads(&format!("LoRA, {kernels:?}"), &plain, &checkpointed);
+            // Dropout is really on: other masks give another loss.
+            let other = backward_grads(&mut model, &vars, true, 8);
+            assert!(
+                (other.0 - plain.0).abs() > 1e-4,
+                "{} vs {}",
+                other.0,
+                plain.0
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::core::packing::{PackPlan, PackSettings};
 use crate::core::phases::PhaseSchedule;
 use crate::core::settings::MixSettings;
 pub use crate::core::train_settings::TrainSettings;
-use crate::train::batch::{StepNorm, TaskLossSums, batch_loss_parts, make_step_batch};
+use crate::train::batch::{StepNorm, TaskLossSums, batch_backward, make_step_batch};
 use crate::train::chat::Chat;
 use crate::train::eval::{EvalSet, evaluate, watched_loss};
 use crate::train::model::Decoder;
@@ -443,9 +443,9 @@ pub fn train(
             job.model
                 .set_dropout_seed(job.seed ^ (state.step << 16) ^ micro as u64);
             tokens += batch.tokens;
-            let (loss, log_probs) = batch_loss_parts(job.model, &batch)?;
+            let (value, log_probs, grads) = batch_backward(job.model, &batch)?;
             task_sums.add(&batch, &log_probs.to_vec1::<f32>()?);
-            let value = f64::from(loss.to_scalar::<f32>()?);
+            let value = f64::from(value);
             if !value.is_finite() {
                 anyhow::bail!(
                     "the loss became {value} at step {}; the last good checkpoint is kept",
@@ -453,8 +453,6 @@ pub fn train(
                 );
             }
             loss_sum += value;
-            let grads = loss.backward()?;
-            drop(loss);
             let acc = grads_acc.get_or_insert_with(Default::default);
             accumulate_grads(acc, grads, &vars)?;
         }

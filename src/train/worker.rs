@@ -430,7 +430,7 @@ fn run_worker(
         anyhow::bail!("the project has no records to train on");
     }
     let device = choose_device(spec.force_cpu);
-    let parts = build_parts(spec, run_dir, &project, &data, &device.device, events)?;
+    let mut parts = build_parts(spec, run_dir, &project, &data, &device.device, events)?;
     let config = &parts.config;
 
     log(events, "tokenizing");
@@ -476,6 +476,7 @@ fn run_worker(
         trainable,
         lora: lora_settings.enabled.then_some(lora_settings),
         fused: parts.model.fused(),
+        checkpointing: project.training.activation_checkpointing,
     };
     let plan = memory::plan(
         &shape,
@@ -494,6 +495,8 @@ fn run_worker(
         log(events, note.clone());
     }
     let mut training = project.training.clone();
+    parts.model.set_activation_checkpointing(plan.checkpointing);
+    training.activation_checkpointing = plan.checkpointing;
     training.batch_rows = plan.batch_rows;
     training.grad_accum = plan.grad_accum;
     eval_set.batch_tokens = plan.batch_rows * pack.max_seq_len;
@@ -682,6 +685,7 @@ fn run_worker(
             "peak_bytes": peak,
             "batch_rows": plan.batch_rows,
             "grad_accum": plan.grad_accum,
+            "activation_checkpointing": plan.checkpointing,
         },
         "final_loss": history.loss.last().map(|p| p[1]),
         "final_eval": history.latest_eval,

@@ -264,6 +264,13 @@ impl StudioApp {
             let l = ui.label("Checkpoint every");
             ui.add(egui::DragValue::new(&mut t.checkpoint_every))
                 .labelled_by(l.id);
+            ui.checkbox(&mut t.activation_checkpointing, "recompute activations")
+                .on_hover_text(
+                    "Activation checkpointing: keep only each layer's input and run the layer \
+                     again going backward. About a third more compute for much less memory on \
+                     long rows and big models; the memory plan turns it on by itself when a \
+                     row would not fit otherwise.",
+                );
         });
         ui.horizontal_wrapped(|ui| {
             let l = ui.label("Phases");
