@@ -322,9 +322,9 @@ impl EventSender {
             // A failing log must not stop training; the channel still carries the event.
             if serde_json::to_writer(&mut *log, event).is_ok() {
                 let _ = log.write_all(b"\n");
-                if event.is_terminal() || !matches!(event, TrainEvent::Step(_)) {
-                    let _ = log.flush();
-                }
+                // Every line reaches the file at once: a run killed right after a checkpoint
+                // must not lose the steps before it (resuming cuts the file back to them).
+                let _ = log.flush();
             }
         }
     }

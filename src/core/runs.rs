@@ -174,6 +174,32 @@ pub struct RunEntry {
     pub has_model: bool,
 }
 
+/// Cuts a run's `metrics.jsonl` back to what it held when the checkpoint of `step` was written:
+/// every line up to the first event of a later step, or up to a line cut short by a kill, is
+/// kept; the rest is dropped, atomically. Returns how many lines were dropped.
+pub fn cut_metrics(path: &Path, step: u64) -> std::io::Result<usize> {
+    let text = std::fs::read_to_string(path)?;
+    let mut kept = String::with_capacity(text.len());
+    let mut lines = text.split_inclusive('\n');
+    for line in lines.by_ref() {
+        let whole = line.ends_with('\n');
+        let later = match serde_json::from_str::<serde_json::Value>(line.trim_end()) {
+            Ok(event) => event
+                .get("step")
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|s| s > step),
+            Err(_) => !line.trim().is_empty(),
+        };
+        if later || !whole {
+            let dropped = 1 + lines.count();
+            crate::core::fsutil::write_atomic(path, kept.as_bytes())?;
+            return Ok(dropped);
+        }
+        kept.push_str(line);
+    }
+    Ok(0)
+}
+
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     std::fs::read_to_string(path)
         .ok()
@@ -286,5 +312,40 @@ mod tests {
         assert_eq!(h.eta_s(), Some(7.0));
         let runs = list_runs(dir.path().parent().unwrap());
         assert!(runs.iter().any(|r| r.dir == dir.path()));
+    }
+
+    #[test]
+    fn metrics_are_cut_back_to_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let lines = [
+            r#"{"event":"started","total_steps":9}"#,
+            r#"{"event":"step","step":1,"loss":2.0}"#,
+            r#"{"event":"step","step":2,"loss":1.5}"#,
+            r#"{"event":"checkpoint","step":2,"path":"c"}"#,
+            r#"{"event":"log","message":"after the checkpoint"}"#,
+            r#"{"event":"step","step":3,"loss":1.2}"#,
+            r#"{"event":"log","message":"later"}"#,
+        ];
+        let text = lines.join("\n") + "\n";
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(cut_metrics(&path, 2).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            lines[..5].join("\n") + "\n"
+        );
+        // Nothing after the step: nothing to cut.
+        assert_eq!(cut_metrics(&path, 2).unwrap(), 0);
+        // A line cut short by a kill goes, with everything after it.
+        std::fs::write(
+            &path,
+            format!("{}\n{}\n{{\"event\":\"st", lines[0], lines[1]),
+        )
+        .unwrap();
+        assert_eq!(cut_metrics(&path, 5).unwrap(), 1);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n{}\n", lines[0], lines[1])
+        );
     }
 }

@@ -212,8 +212,29 @@ pub fn planned_steps(job: &TrainJob) -> u64 {
     phase_spans(job).last().map_or(1, |s| s.end_step)
 }
 
-/// Writes a checkpoint folder atomically (built beside, then renamed): `model.safetensors`,
-/// `optimizer.safetensors`, `trainer_state.json`.
+/// The files of a checkpoint folder, each listed with its SHA-256 in [`CHECKSUMS`].
+const CHECKPOINT_FILES: [&str; 3] = [
+    "model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
+
+/// The checkpoint file that lists the others' SHA-256 digests, written last.
+pub const CHECKSUMS: &str = "checksums.json";
+
+fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Writes a checkpoint folder atomically: `model.safetensors`, `optimizer.safetensors`,
+/// `trainer_state.json` and their SHA-256 digests in `checksums.json` are written and flushed to
+/// disk in a temporary folder beside `dir`, which is then renamed to `dir`. A checkpoint of the
+/// same name is moved aside first and removed only once the new one is in place.
 pub fn save_checkpoint(
     dir: &Path,
     weights: &[(String, Var)],
@@ -236,31 +257,94 @@ pub fn save_checkpoint(
         tmp.path().join("trainer_state.json"),
         serde_json::to_string_pretty(state)?,
     )?;
-    for f in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "trainer_state.json",
-    ] {
-        std::fs::File::open(tmp.path().join(f))?.sync_all()?;
+    let mut sums = serde_json::Map::new();
+    for f in CHECKPOINT_FILES {
+        let path = tmp.path().join(f);
+        std::fs::File::open(&path)?.sync_all()?;
+        sums.insert(f.to_string(), sha256_of(&path)?.into());
     }
+    let sums_path = tmp.path().join(CHECKSUMS);
+    std::fs::write(&sums_path, serde_json::to_string_pretty(&sums)?)?;
+    std::fs::File::open(&sums_path)?.sync_all()?;
+    std::fs::File::open(tmp.path())?.sync_all()?;
+    let aside = dir.with_file_name(format!(
+        ".{}.old",
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("checkpoint")
+    ));
     if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside)?;
+        }
+        std::fs::rename(dir, &aside)?;
     }
     let kept = tmp.keep();
     std::fs::rename(&kept, dir).with_context(|| format!("writing {}", dir.display()))?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside)?;
+    }
     Ok(())
 }
 
-/// Restores weights and optimizer from a checkpoint folder; returns where the run was.
+/// Checks a checkpoint folder's files against `checksums.json`. Folders written before
+/// checkpoints carried checksums have none and pass; a missing file or a digest that differs is
+/// an error naming the file.
+pub fn verify_checkpoint(dir: &Path) -> anyhow::Result<()> {
+    let sums_path = dir.join(CHECKSUMS);
+    let sums: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(&sums_path)
+    {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a checksum list", sums_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if CHECKPOINT_FILES.iter().all(|f| dir.join(f).is_file()) {
+                Ok(())
+            } else {
+                anyhow::bail!("{} is incomplete: it has no {CHECKSUMS}", dir.display())
+            };
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", sums_path.display())),
+    };
+    for f in CHECKPOINT_FILES {
+        let path = dir.join(f);
+        let want = sums
+            .get(f)
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("{} lists no checksum for {f}", sums_path.display()))?;
+        if !path.is_file() {
+            anyhow::bail!("{} is missing", path.display());
+        }
+        if sha256_of(&path)? != want {
+            anyhow::bail!(
+                "{} is corrupt: its contents do not match the checksum written with it",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint's `trainer_state.json`: where the run was.
+pub fn load_trainer_state(dir: &Path) -> anyhow::Result<TrainerState> {
+    let path = dir.join("trainer_state.json");
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Restores weights and optimizer from a checkpoint folder (after checking its checksums);
+/// returns where the run was.
 pub fn load_checkpoint(
     dir: &Path,
     weights: &[(String, Var)],
     opt: &mut AdamW,
 ) -> anyhow::Result<TrainerState> {
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer_state.json"))
-            .with_context(|| format!("reading {}", dir.display()))?,
-    )?;
+    verify_checkpoint(dir)?;
+    let state = load_trainer_state(dir)?;
     let device = weights
         .first()
         .map(|(_, v)| v.device().clone())
@@ -275,6 +359,19 @@ pub fn load_checkpoint(
     let o = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
     opt.load_state(&o, state.step)?;
     Ok(state)
+}
+
+/// The newest checkpoint in `out_dir` whose files match their checksums, and why each newer
+/// one was refused.
+pub fn latest_good_checkpoint(out_dir: &Path) -> (Option<PathBuf>, Vec<String>) {
+    let mut refused = Vec::new();
+    for dir in checkpoints(out_dir).into_iter().rev() {
+        match verify_checkpoint(&dir) {
+            Ok(()) => return (Some(dir), refused),
+            Err(e) => refused.push(format!("{e:#}")),
+        }
+    }
+    (None, refused)
 }
 
 /// Runs training from `resume` (or the start) until the planned steps are done or `stop` is set.
@@ -610,14 +707,23 @@ fn run_eval(
 
 /// The path of the newest checkpoint in `out_dir`, if any.
 pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(out_dir)
-        .ok()?
+    checkpoints(out_dir).pop()
+}
+
+/// The `checkpoint-N` folders in `out_dir`, oldest first.
+fn checkpoints(out_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
             Some((step, e.path()))
         })
-        .max_by_key(|(s, _)| *s)
-        .map(|(_, p)| p)
+        .filter(|(_, p)| p.is_dir())
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
 }

@@ -34,7 +34,8 @@ use crate::train::phased;
 use crate::train::score::load_bundle;
 use crate::train::tiny::{tiny_config, tiny_config_sized};
 use crate::train::trainer::{
-    Ending, TrainJob, latest_checkpoint, load_checkpoint, planned_steps, train,
+    Ending, TrainJob, latest_good_checkpoint, load_checkpoint, load_trainer_state, planned_steps,
+    train,
 };
 
 /// Which model a run trains.
@@ -179,14 +180,6 @@ pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (mut events, rx) = event_channel(256, wake);
-    // A resumed run appends to its metrics, so its curves continue.
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(spec.resume.is_some())
-        .write(true)
-        .truncate(spec.resume.is_none())
-        .open(run_dir.join("metrics.jsonl"))?;
-    events.record_to(Box::new(BufWriter::new(log)));
     let (cmd_tx, cmd_rx) = bounded(16);
     let stop = Arc::new(AtomicBool::new(false));
     let worker_stop = stop.clone();
@@ -196,7 +189,8 @@ pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
         .spawn(move || {
             // A panic inside candle or our code still ends the run with a message.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_worker(&spec, &dir, &mut events, &cmd_rx, &worker_stop)
+                let resume = open_metrics(&spec, &dir, &mut events)?;
+                run_worker(&spec, &dir, &mut events, &cmd_rx, &worker_stop, resume)
             }));
             let last = match result {
                 Ok(Ok(e)) => e,
@@ -224,6 +218,58 @@ pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
         run_dir,
         thread: Some(thread),
     })
+}
+
+/// Opens the run's `metrics.jsonl` for its events. A new run starts it afresh. A resumed run
+/// picks the newest checkpoint whose checksums hold (saying why it refused any newer one),
+/// cuts the metrics back to that checkpoint's step — what a killed run logged after it is
+/// trained again — and appends, so every step is in the file once.
+fn open_metrics(
+    spec: &RunSpec,
+    run_dir: &Path,
+    events: &mut EventSender,
+) -> anyhow::Result<Option<PathBuf>> {
+    let path = run_dir.join("metrics.jsonl");
+    let Some(dir) = &spec.resume else {
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        events.record_to(Box::new(BufWriter::new(file)));
+        return Ok(None);
+    };
+    let (checkpoint, refused) = latest_good_checkpoint(dir);
+    let step = match &checkpoint {
+        Some(c) => load_trainer_state(c)?.step,
+        None => 0,
+    };
+    if checkpoint.is_some() && path.is_file() {
+        crate::core::runs::cut_metrics(&path, step)
+            .with_context(|| format!("cutting {} back to step {step}", path.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    events.record_to(Box::new(BufWriter::new(file)));
+    for why in &refused {
+        log(events, format!("refusing a checkpoint: {why}"));
+    }
+    match checkpoint {
+        Some(c) => {
+            if !refused.is_empty() {
+                log(events, format!("using the previous one, {}", c.display()));
+            }
+            Ok(Some(c))
+        }
+        None if refused.is_empty() => {
+            anyhow::bail!("{} has no checkpoint to resume", dir.display())
+        }
+        None => anyhow::bail!(
+            "{} has no usable checkpoint to resume: {}",
+            dir.display(),
+            refused.join("; ")
+        ),
+    }
 }
 
 fn log(events: &mut EventSender, message: impl Into<String>) {
@@ -391,6 +437,7 @@ fn run_worker(
     events: &mut EventSender,
     commands: &Receiver<TrainCommand>,
     stop: &Arc<AtomicBool>,
+    resume_from: Option<PathBuf>,
 ) -> anyhow::Result<TrainEvent> {
     let mut project = spec.project.clone();
     if let Some(mode) = spec.mode {
@@ -550,10 +597,8 @@ fn run_worker(
     };
     let total_steps = planned_steps(&job);
     let mut opt = AdamW::new(parts.trainable.clone(), project.training.adamw)?;
-    let resume = match &spec.resume {
-        Some(dir) => {
-            let checkpoint = latest_checkpoint(dir)
-                .with_context(|| format!("{} has no checkpoint to resume", dir.display()))?;
+    let resume = match resume_from {
+        Some(checkpoint) => {
             let state = load_checkpoint(&checkpoint, &parts.trainable, &mut opt)?;
             log(
                 events,

@@ -1,0 +1,198 @@
+//! Runs that survive a kill: a training run killed with SIGKILL and resumed with
+//! `train --resume` trains the loss curve the uninterrupted run trains, with every step in
+//! `metrics.jsonl` once; a checkpoint whose files no longer match their checksums is refused by
+//! name and the one before it is used.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+mod common;
+use common::quick_project;
+
+const STEPS: u64 = 12;
+
+fn studio() -> Command {
+    Command::new(assert_cmd::cargo::cargo_bin("moi-studio"))
+}
+
+/// The quick benchmark project, a checkpoint every 4 steps, evaluation only at the end.
+fn project(dir: &Path) -> PathBuf {
+    quick_project(dir, |p| {
+        p.training.checkpoint_every = 4;
+        p.training.eval_every_steps = 0;
+    })
+}
+
+/// The one run folder under `out`.
+fn run_dir(out: &Path) -> PathBuf {
+    std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("run.json").is_file())
+        .expect("a run folder")
+}
+
+/// `train` with `args`, its JSON events read as they come; killed with SIGKILL once `kill_at`
+/// says so of an event. Returns whether it was killed.
+fn train_until(args: &[&str], kill_at: impl Fn(&Value) -> bool) -> bool {
+    let mut child = studio()
+        .args(args)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(event) = serde_json::from_str::<Value>(&line.unwrap()) else {
+            continue;
+        };
+        if kill_at(&event) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return true;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "train {args:?} failed: {status}");
+    false
+}
+
+fn is(event: &Value, kind: &str, step: u64) -> bool {
+    event["event"] == kind && event["step"] == step
+}
+
+/// The step losses in a run's `metrics.jsonl`, in file order.
+fn logged_steps(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "step")
+        .map(|e| (e["step"].as_u64().unwrap(), e["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_twice_resumes_to_the_uninterrupted_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = project(dir.path());
+    let project = project.to_str().unwrap();
+    let steps = STEPS.to_string();
+
+    let straight_out = dir.path().join("straight");
+    let straight_out = straight_out.to_str().unwrap();
+    assert!(!train_until(
+        &["train", project, "--steps", &steps, "--out", straight_out],
+        |_| false
+    ));
+    let straight = logged_steps(&run_dir(Path::new(straight_out)));
+    assert_eq!(
+        straight.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=STEPS).collect::<Vec<_>>()
+    );
+
+    let out = dir.path().join("killed");
+    let out_s = out.to_str().unwrap();
+    // Killed right after its first checkpoint is reported...
+    assert!(train_until(
+        &["train", project, "--steps", &steps, "--out", out_s],
+        |e| is(e, "checkpoint", 4)
+    ));
+    let run = run_dir(&out);
+    let run_s = run.to_str().unwrap();
+    // ... then, resumed, killed in the middle of step 10: steps 9 and 10 come after the
+    // checkpoint of step 8, and are trained again.
+    assert!(train_until(
+        &["train", "--resume", run_s, "--steps", &steps],
+        |e| is(e, "step", 9)
+    ));
+    assert!(!train_until(
+        &["train", "--resume", run_s, "--steps", &steps],
+        |_| false
+    ));
+    let resumed = logged_steps(&run);
+    assert_eq!(
+        resumed.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=STEPS).collect::<Vec<_>>(),
+        "every step once in metrics.jsonl"
+    );
+    for ((step, a), (_, b)) in straight.iter().zip(&resumed) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: {a} uninterrupted, {b} resumed"
+        );
+    }
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["final_loss"].as_f64().is_some(), "{summary}");
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_refused_by_name_and_the_one_before_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = project(dir.path());
+    let out = dir.path().join("run");
+    assert!(!train_until(
+        &[
+            "train",
+            project.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        |_| false
+    ));
+    let run = run_dir(&out);
+    // One flipped byte in the newest checkpoint's optimizer state.
+    let damaged = run.join("checkpoint-8/optimizer.safetensors");
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let output = studio()
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--steps",
+            "10",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let logs: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "log")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        logs.iter().any(|m| m.contains("refusing a checkpoint")
+            && m.contains("checkpoint-8")
+            && m.contains("optimizer.safetensors")),
+        "{logs:#?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|m| m.contains("resuming from") && m.contains("checkpoint-4")),
+        "{logs:#?}"
+    );
+    // Steps 5 to 10 are trained from the checkpoint of step 4, each logged once.
+    let steps: Vec<u64> = logged_steps(&run).iter().map(|s| s.0).collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>());
+}
