@@ -196,3 +196,167 @@ fn a_corrupt_checkpoint_is_refused_by_name_and_the_one_before_is_used() {
     let steps: Vec<u64> = logged_steps(&run).iter().map(|s| s.0).collect();
     assert_eq!(steps, (1..=10).collect::<Vec<_>>());
 }
+
+/// The JSON events of a finished `train` command, and whether it succeeded.
+fn events_of(output: &std::process::Output) -> Vec<Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn failure_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .find(|e| e["event"] == "failed")
+        .and_then(|e| e["error"].as_str())
+        .unwrap_or_else(|| panic!("no failed event in {events:#?}"))
+        .to_string()
+}
+
+#[test]
+fn a_full_disk_while_a_checkpoint_is_written_fails_the_run_and_keeps_the_last_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = project(dir.path());
+    let out = dir.path().join("run");
+    assert!(!train_until(
+        &[
+            "train",
+            project.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        |_| false
+    ));
+    let run = run_dir(&out);
+    let run_s = run.to_str().unwrap();
+    let model_bytes = std::fs::metadata(run.join("checkpoint-4/model.safetensors"))
+        .unwrap()
+        .len();
+    // Resumed with no file allowed to grow past half a checkpoint's weights (a disk that
+    // fills): SIGXFSZ is ignored, so the write fails with EFBIG as it would with ENOSPC.
+    let limit_kib = model_bytes / 2 / 1024;
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f {limit_kib}; trap '' XFSZ; exec \"$0\" \"$@\""
+        ))
+        .arg(assert_cmd::cargo::cargo_bin("moi-studio"))
+        .args(["train", "--resume", run_s, "--steps", "12", "--json"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let events = events_of(&output);
+    let error = failure_of(&events);
+    assert!(
+        error.contains("could not write the checkpoint of step 8")
+            && error.contains("checkpoint-4 is kept"),
+        "{error}"
+    );
+    // Steps 5 to 8 trained; no checkpoint of step 8, no half-written folder; the last one whole.
+    assert!(events.iter().any(|e| is(e, "step", 8)));
+    let names: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("checkpoint"))
+        .collect();
+    assert_eq!(names, ["checkpoint-4"]);
+    // With room again, the run resumes from it to the end.
+    assert!(!train_until(
+        &["train", "--resume", run_s, "--steps", "12"],
+        |_| false
+    ));
+    let steps: Vec<u64> = logged_steps(&run).iter().map(|s| s.0).collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_nan_mid_run_stops_it_with_a_message_and_it_resumes_from_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = project(dir.path());
+    let out = dir.path().join("run");
+    let output = studio()
+        .env("MOI_TEST_NAN_AT_STEP", "7")
+        .args([
+            "train",
+            project.to_str().unwrap(),
+            "--steps",
+            "12",
+            "--json",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let events = events_of(&output);
+    let error = failure_of(&events);
+    assert!(
+        error.contains("became NaN at step 7") && error.contains("last good checkpoint"),
+        "{error}"
+    );
+    assert!(
+        !events.iter().any(|e| is(e, "step", 7)),
+        "step 7 was not trained"
+    );
+    let run = run_dir(&out);
+    assert!(run.join("checkpoint-4").is_dir());
+    let output = studio()
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--steps",
+            "12",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let steps = logged_steps(&run);
+    assert_eq!(
+        steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert!(steps.iter().all(|(_, loss)| loss.is_finite()), "{steps:?}");
+}
+
+#[test]
+fn checkpoints_left_half_replaced_by_a_kill_are_put_back() {
+    use moi_studio::train::trainer::recover_checkpoints;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in [
+        "checkpoint-4",
+        ".checkpoint-8.old", // moved aside, its replacement never arrived
+        "checkpoint-12",
+        ".checkpoint-12.old", // moved aside, replaced
+        ".checkpoint-x7Yq2a", // a temporary folder half written
+    ] {
+        std::fs::create_dir(d.join(name)).unwrap();
+        std::fs::write(d.join(name).join("trainer_state.json"), name).unwrap();
+    }
+    recover_checkpoints(d).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["checkpoint-12", "checkpoint-4", "checkpoint-8"]);
+    assert_eq!(
+        std::fs::read_to_string(d.join("checkpoint-8/trainer_state.json")).unwrap(),
+        ".checkpoint-8.old"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("checkpoint-12/trainer_state.json")).unwrap(),
+        "checkpoint-12"
+    );
+}

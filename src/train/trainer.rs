@@ -361,6 +361,36 @@ pub fn load_checkpoint(
     Ok(state)
 }
 
+/// Puts `out_dir`'s checkpoints in order after a kill: a checkpoint moved aside to be replaced
+/// (`.checkpoint-N.old`) goes back when its replacement never arrived, and is removed when it
+/// did; half-written temporary folders (`.checkpoint-…`) are removed.
+pub fn recover_checkpoints(out_dir: &Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".checkpoint-") else {
+            continue;
+        };
+        if !entry.path().is_dir() {
+            continue;
+        }
+        match rest.strip_suffix(".old") {
+            Some(step) if step.parse::<u64>().is_ok() => {
+                let replaced = out_dir.join(format!("checkpoint-{step}"));
+                if replaced.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                } else {
+                    std::fs::rename(entry.path(), replaced)?;
+                }
+            }
+            _ => std::fs::remove_dir_all(entry.path())?,
+        }
+    }
+    Ok(())
+}
+
 /// The newest checkpoint in `out_dir` whose files match their checksums, and why each newer
 /// one was refused.
 pub fn latest_good_checkpoint(out_dir: &Path) -> (Option<PathBuf>, Vec<String>) {
@@ -400,6 +430,11 @@ pub fn train(
     });
     let device = job.model.device().clone();
     let vars: Vec<Var> = job.weights.iter().map(|(_, v)| v.clone()).collect();
+    // A test hook, not a setting: the reliability tests poison the weights before this step to
+    // see a run fail on a NaN and resume from its last good checkpoint.
+    let fault_nan_at = std::env::var("MOI_TEST_NAN_AT_STEP")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
     let mut plan: PackPlan = job.pack_epoch(state.phase, state.epoch);
     let phases = job.phases.map_or(1, |p| p.parts.len() as u32);
     let phase_records = |p: u32| -> u64 {
@@ -520,6 +555,11 @@ pub fn train(
             state.epoch += 1;
             state.row = 0;
             plan = job.pack_epoch(state.phase, state.epoch);
+        }
+        if fault_nan_at == Some(state.step + 1) {
+            for (_, var) in job.weights {
+                var.set(&(var.as_tensor() * f64::NAN)?)?;
+            }
         }
         // Micro-batches in this step: fewer at the end of an epoch. The loss is normalised over
         // the whole step, so accumulation equals one batch of all its rows.
@@ -659,7 +699,17 @@ fn save_and_report(
         }
     }
     let dir = job.out_dir.join(format!("checkpoint-{}", state.step));
-    save_checkpoint(&dir, job.weights, opt, state)?;
+    if let Err(e) = save_checkpoint(&dir, job.weights, opt, state) {
+        let kept = match latest_checkpoint(job.out_dir) {
+            Some(previous) => format!("{} is kept", previous.display()),
+            None => "there is no earlier checkpoint".to_string(),
+        };
+        return Err(e.context(format!(
+            "could not write the checkpoint of step {} in {} (is the disk full?); {kept}",
+            state.step,
+            job.out_dir.display()
+        )));
+    }
     let _ = events.send(TrainEvent::Checkpoint {
         step: state.step,
         path: dir.display().to_string(),

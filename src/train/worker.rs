@@ -35,7 +35,7 @@ use crate::train::score::load_bundle;
 use crate::train::tiny::{tiny_config, tiny_config_sized};
 use crate::train::trainer::{
     Ending, TrainJob, latest_good_checkpoint, load_checkpoint, load_trainer_state, planned_steps,
-    train,
+    recover_checkpoints, train,
 };
 
 /// Which model a run trains.
@@ -236,6 +236,7 @@ fn open_metrics(
         events.record_to(Box::new(BufWriter::new(file)));
         return Ok(None);
     };
+    recover_checkpoints(dir).with_context(|| format!("tidying {}", dir.display()))?;
     let (checkpoint, refused) = latest_good_checkpoint(dir);
     let step = match &checkpoint {
         Some(c) => load_trainer_state(c)?.step,
