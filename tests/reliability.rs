@@ -62,6 +62,23 @@ fn train_until(args: &[&str], kill_at: impl Fn(&Value) -> bool) -> bool {
     false
 }
 
+/// The quick project trained `steps` steps to the end in `dir`; its run folder.
+fn finished_run(dir: &Path, steps: u64) -> PathBuf {
+    let project = project(dir);
+    let out = dir.join("run");
+    let steps = steps.to_string();
+    let args = [
+        "train",
+        project.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    assert!(!train_until(&args, |_| false));
+    run_dir(&out)
+}
+
 fn is(event: &Value, kind: &str, step: u64) -> bool {
     event["event"] == kind && event["step"] == step
 }
@@ -135,20 +152,7 @@ fn a_run_killed_twice_resumes_to_the_uninterrupted_loss_curve() {
 #[test]
 fn a_corrupt_checkpoint_is_refused_by_name_and_the_one_before_is_used() {
     let dir = tempfile::tempdir().unwrap();
-    let project = project(dir.path());
-    let out = dir.path().join("run");
-    assert!(!train_until(
-        &[
-            "train",
-            project.to_str().unwrap(),
-            "--steps",
-            "8",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        |_| false
-    ));
-    let run = run_dir(&out);
+    let run = finished_run(dir.path(), 8);
     // One flipped byte in the newest checkpoint's optimizer state.
     let damaged = run.join("checkpoint-8/optimizer.safetensors");
     let mut bytes = std::fs::read(&damaged).unwrap();
@@ -217,20 +221,7 @@ fn failure_of(events: &[Value]) -> String {
 #[test]
 fn a_full_disk_while_a_checkpoint_is_written_fails_the_run_and_keeps_the_last_one() {
     let dir = tempfile::tempdir().unwrap();
-    let project = project(dir.path());
-    let out = dir.path().join("run");
-    assert!(!train_until(
-        &[
-            "train",
-            project.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        |_| false
-    ));
-    let run = run_dir(&out);
+    let run = finished_run(dir.path(), 4);
     let run_s = run.to_str().unwrap();
     let model_bytes = std::fs::metadata(run.join("checkpoint-4/model.safetensors"))
         .unwrap()
