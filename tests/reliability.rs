@@ -160,26 +160,7 @@ fn a_corrupt_checkpoint_is_refused_by_name_and_the_one_before_is_used() {
     bytes[middle] ^= 0x40;
     std::fs::write(&damaged, bytes).unwrap();
 
-    let output = studio()
-        .args([
-            "train",
-            "--resume",
-            run.to_str().unwrap(),
-            "--steps",
-            "10",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let events: Vec<Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let events = resumed(&run, 10);
     let logs: Vec<&str> = events
         .iter()
         .filter(|e| e["event"] == "log")
@@ -207,6 +188,22 @@ fn events_of(output: &std::process::Output) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// `train --resume run --steps steps --json`, which must succeed; its events.
+fn resumed(run: &Path, steps: u64) -> Vec<Value> {
+    let output = studio()
+        .args(["train", "--resume", run.to_str().unwrap(), "--steps"])
+        .arg(steps.to_string())
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    events_of(&output)
 }
 
 fn failure_of(events: &[Value]) -> String {
@@ -295,22 +292,7 @@ fn a_nan_mid_run_stops_it_with_a_message_and_it_resumes_from_the_last_good_check
     );
     let run = run_dir(&out);
     assert!(run.join("checkpoint-4").is_dir());
-    let output = studio()
-        .args([
-            "train",
-            "--resume",
-            run.to_str().unwrap(),
-            "--steps",
-            "12",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    resumed(&run, 12);
     let steps = logged_steps(&run);
     assert_eq!(
         steps.iter().map(|s| s.0).collect::<Vec<_>>(),

@@ -344,6 +344,15 @@ pub fn load_checkpoint(
     opt: &mut AdamW,
 ) -> anyhow::Result<TrainerState> {
     verify_checkpoint(dir)?;
+    restore_checkpoint(dir, weights, opt)
+}
+
+/// As [`load_checkpoint`], for a folder already checked (see [`latest_good_checkpoint`]).
+pub fn restore_checkpoint(
+    dir: &Path,
+    weights: &[(String, Var)],
+    opt: &mut AdamW,
+) -> anyhow::Result<TrainerState> {
     let state = load_trainer_state(dir)?;
     let device = weights
         .first()

@@ -34,8 +34,8 @@ use crate::train::phased;
 use crate::train::score::load_bundle;
 use crate::train::tiny::{tiny_config, tiny_config_sized};
 use crate::train::trainer::{
-    Ending, TrainJob, latest_good_checkpoint, load_checkpoint, load_trainer_state, planned_steps,
-    recover_checkpoints, train,
+    Ending, TrainJob, latest_good_checkpoint, load_trainer_state, planned_steps,
+    recover_checkpoints, restore_checkpoint, train,
 };
 
 /// Which model a run trains.
@@ -600,7 +600,8 @@ fn run_worker(
     let mut opt = AdamW::new(parts.trainable.clone(), project.training.adamw)?;
     let resume = match resume_from {
         Some(checkpoint) => {
-            let state = load_checkpoint(&checkpoint, &parts.trainable, &mut opt)?;
+            // `open_metrics` chose it after checking its checksums.
+            let state = restore_checkpoint(&checkpoint, &parts.trainable, &mut opt)?;
             log(
                 events,
                 format!(
