@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod train;
 pub mod ui;
 

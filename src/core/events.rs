@@ -332,6 +332,25 @@ impl EventSender {
     /// Reports a step without blocking; nothing is dropped.
     pub fn step(&mut self, metrics: StepMetrics) {
         self.record(&TrainEvent::Step(metrics.clone()));
+        self.forward_step(metrics);
+    }
+
+    /// Passes on an event that is already in the record (the history a resumed run continues
+    /// from) to the listener only, so it can draw the curves from the first step.
+    pub fn replay(&mut self, event: TrainEvent) -> Result<(), ListenerGone> {
+        match event {
+            TrainEvent::Step(metrics) => {
+                self.forward_step(metrics);
+                Ok(())
+            }
+            other => {
+                self.flush()?;
+                self.tx.send(other).map_err(|_| ListenerGone)
+            }
+        }
+    }
+
+    fn forward_step(&mut self, metrics: StepMetrics) {
         let merged = match self.pending.take() {
             Some(mut p) => {
                 p.absorb(&metrics);

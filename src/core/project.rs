@@ -343,6 +343,9 @@ impl Project {
                 .validate()
                 .map_err(|why| invalid(format!("{which}: {why}")))?;
         }
+        if let Some(why) = self.training.refusals().first() {
+            return Err(invalid(why.to_string()));
+        }
         let phases = &self.training.phases;
         if phases
             .difficulty

@@ -172,6 +172,9 @@ pub struct RunEntry {
     pub info: Option<serde_json::Value>,
     /// Whether it has a finished `model/` folder to export (read when listed, not per frame).
     pub has_model: bool,
+    /// Whether it did not finish (stopped, failed, or cut off) and has a checkpoint to go on
+    /// from (its checksums are checked when it resumes).
+    pub resumable: bool,
 }
 
 /// Cuts a run's `metrics.jsonl` back to what it held when the checkpoint of `step` was written:
@@ -223,11 +226,34 @@ pub fn list_runs(runs_dir: &Path) -> Vec<RunEntry> {
             summary: read_json(&dir.join("summary.json")),
             info: read_json(&dir.join("run.json")),
             has_model: dir.join("model").is_dir(),
+            resumable: false,
             dir,
         })
         .collect();
+    for run in &mut runs {
+        let finished = run
+            .summary
+            .as_ref()
+            .and_then(|s| s.get("ending"))
+            .and_then(serde_json::Value::as_str)
+            == Some("finished");
+        run.resumable = !finished && has_checkpoint(&run.dir);
+    }
     runs.sort_by(|a, b| b.id.cmp(&a.id));
     runs
+}
+
+/// Whether `dir` holds a `checkpoint-N` folder.
+fn has_checkpoint(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("checkpoint-"))
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+                && e.path().is_dir()
+        })
+    })
 }
 
 #[cfg(test)]

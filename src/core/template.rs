@@ -116,8 +116,18 @@ pub enum TemplateError {
     NoEndMarker { message: usize },
 }
 
+/// How many instructions one rendering may run: far above what any real chat template needs for
+/// a long conversation (thousands), far below a hang.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 impl From<minijinja::Error> for TemplateError {
     fn from(e: minijinja::Error) -> Self {
+        if e.kind() == ErrorKind::OutOfFuel {
+            return TemplateError::Jinja(format!(
+                "the chat template ran more than {TEMPLATE_FUEL} steps for one conversation and \
+                 was stopped; does it hold a loop that never ends?"
+            ));
+        }
         let mut text = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
@@ -280,6 +290,9 @@ fn hf_environment() -> Environment<'static> {
         env.set_syntax(syntax);
     }
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // A template is code from a model folder: bound how long one rendering may run, so a loop
+    // that never ends gives a message instead of a hung import.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function(
         "raise_exception",
         |message: String| -> Result<Value, minijinja::Error> {

@@ -254,3 +254,49 @@ impl Default for TrainSettings {
         }
     }
 }
+
+/// Which of the training settings a person types can be wrong on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingField {
+    /// `training.lr`.
+    LearningRate,
+    /// `training.batch_rows`.
+    BatchRows,
+    /// `training.grad_accum`.
+    GradAccum,
+}
+
+impl TrainSettings {
+    /// The reason each setting cannot be trained with, and whether it applies: what the Train
+    /// tab shows at the field, what `Project::validate` refuses.
+    pub fn problems(&self) -> [(&'static str, bool); 3] {
+        [
+            (
+                "training.lr: the learning rate must be above 0 (at 0 nothing is learned)",
+                !(self.lr.is_finite() && self.lr > 0.0),
+            ),
+            (
+                "training.batch_rows: a batch needs at least 1 row",
+                self.batch_rows == 0,
+            ),
+            (
+                "training.grad_accum: accumulation must be at least 1 batch",
+                self.grad_accum == 0,
+            ),
+        ]
+    }
+
+    /// Every reason the settings cannot be trained with; empty when they can.
+    pub fn refusals(&self) -> Vec<&'static str> {
+        self.problems()
+            .into_iter()
+            .filter_map(|(why, bad)| bad.then_some(why))
+            .collect()
+    }
+
+    /// Why `field` cannot be used as it is, if it cannot.
+    pub fn problem(&self, field: SettingField) -> Option<&'static str> {
+        let (why, bad) = self.problems()[field as usize];
+        bad.then_some(why)
+    }
+}

@@ -469,6 +469,22 @@ fn read_header(path: &Path) -> Result<(std::fs::File, Content), GgufError> {
 /// header without loading a weight, for previews.
 pub fn gguf_text_side(path: &Path) -> Result<GgufExtras, GgufError> {
     let (_file, content) = read_header(path)?;
+    text_side_of(&content, path)
+}
+
+/// [`gguf_text_side`] for a GGUF header held in any reader; `path` is only used in messages.
+pub fn gguf_text_side_from<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    path: &Path,
+) -> Result<GgufExtras, GgufError> {
+    let content = Content::read(reader).map_err(|e| GgufError::Read {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    text_side_of(&content, path)
+}
+
+fn text_side_of(content: &Content, path: &Path) -> Result<GgufExtras, GgufError> {
     let meta = Meta {
         map: &content.metadata,
         path,

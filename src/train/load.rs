@@ -92,6 +92,15 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(out)
 }
 
+/// The tensors of one safetensors file held in memory, on the CPU; `path` is only used in
+/// messages.
+pub fn read_safetensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| LoadError::Safetensors {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
+}
+
 /// Loads a Hugging Face model folder onto `device` as trainable f32 weights.
 pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
     let config_path = dir.join("config.json");
@@ -110,12 +119,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, LoadEr
             path: path.clone(),
             why: e.to_string(),
         })?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-            LoadError::Safetensors {
-                path: path.clone(),
-                why: e.to_string(),
-            }
-        })?;
+        let tensors = read_safetensors(&bytes, path)?;
         for (name, tensor) in tensors {
             let Some(shape) = expected.get(&name) else {
                 continue;

@@ -88,6 +88,9 @@ pub struct RunSpec {
     pub resume: Option<PathBuf>,
     /// The new run's folder name in `runs_dir` (default: its start time and a random part).
     pub name: Option<String>,
+    /// When resuming, first send the listener the events the run recorded up to its checkpoint
+    /// (not written again), so a window that opens the run again shows its whole curves.
+    pub replay_history: bool,
 }
 
 impl RunSpec {
@@ -105,6 +108,7 @@ impl RunSpec {
             lora: None,
             resume: None,
             name: None,
+            replay_history: false,
         }
     }
 }
@@ -251,6 +255,9 @@ fn open_metrics(
         .append(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
+    if spec.replay_history {
+        replay_kept(&path, events);
+    }
     events.record_to(Box::new(BufWriter::new(file)));
     for why in &refused {
         log(events, format!("refusing a checkpoint: {why}"));
@@ -270,6 +277,22 @@ fn open_metrics(
             dir.display(),
             refused.join("; ")
         ),
+    }
+}
+
+/// Sends the listener what `metrics.jsonl` holds (already cut back to the checkpoint), but for
+/// how the earlier session ended: the run goes on.
+fn replay_kept(path: &Path, events: &mut EventSender) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    for line in text.lines() {
+        if let Ok(event) = serde_json::from_str::<TrainEvent>(line)
+            && !event.is_terminal()
+            && events.replay(event).is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -178,6 +178,10 @@ pub struct StudioApp {
     pub(crate) path: Option<PathBuf>,
     pub(crate) project: Project,
     pub(crate) saved_toml: String,
+    /// The project file's bytes when it was opened or last saved, to notice edits on disk.
+    pub(crate) disk_bytes: Option<Vec<u8>>,
+    /// A save refused because the file changed on disk: the studio asks what to keep.
+    pub(crate) save_conflict: Option<PathBuf>,
     pub(crate) open_error: Option<String>,
     pub(crate) tab: Tab,
     pub(crate) selected_task: usize,
@@ -237,6 +241,8 @@ impl StudioApp {
             wake,
             path: None,
             saved_toml: project.to_toml(),
+            disk_bytes: None,
+            save_conflict: None,
             project,
             open_error: None,
             tab: Tab::Data,
@@ -292,6 +298,8 @@ impl StudioApp {
         match Project::load(&path) {
             Ok(project) => {
                 self.saved_toml = project.to_toml();
+                self.disk_bytes = std::fs::read(&path).ok();
+                self.save_conflict = None;
                 self.project = project;
                 self.open_error = None;
                 self.status = format!("opened {}", path.display());

@@ -201,9 +201,42 @@ impl StudioApp {
             self.status = "an ablation is running; stop it before training".to_string();
             return;
         }
+        let refused = self.project.training.refusals();
+        if !refused.is_empty() {
+            self.status = format!("not started: {}", refused.join("; "));
+            return;
+        }
         let mut spec =
             crate::train::worker::RunSpec::new(self.project.clone(), self.model.choice());
         spec.max_steps = self.steps_override;
+        self.launch(spec);
+    }
+
+    /// Continues a stopped, failed or cut-off run from its newest good checkpoint, with the
+    /// project and model it ran with; its curves so far are drawn again from its record.
+    pub fn resume_training(&mut self, run_dir: std::path::PathBuf) {
+        if self.is_training() {
+            return;
+        }
+        if self.experiments.is_running() {
+            self.status = "an ablation is running; stop it before training".to_string();
+            return;
+        }
+        match crate::train::worker::resume_spec(&run_dir) {
+            Ok(mut spec) => {
+                spec.replay_history = true;
+                self.launch(spec);
+                if self.is_training() {
+                    self.set_tab(crate::ui::Tab::Train);
+                }
+            }
+            Err(e) => {
+                self.status = format!("cannot resume {}: {e:#}", run_dir.display());
+            }
+        }
+    }
+
+    fn launch(&mut self, spec: crate::train::worker::RunSpec) {
         // The window repaints on a timer while training (see the shell); steps wake it at most
         // as often as that timer.
         let wake = crate::core::events::rate_limited(self.wake.clone(), LIVE_WAKE_GAP);

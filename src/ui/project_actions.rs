@@ -7,7 +7,57 @@ use crate::core::project::{Source, Task};
 use crate::ui::app::{ModelPick, StudioApp};
 use crate::ui::jobs::{DialogKind, start_dialog, start_loading};
 
+/// What to do with a project file another program changed while the studio had it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveConflict {
+    /// Write the studio's project over it.
+    Overwrite,
+    /// Open the file as it is now, dropping the edits made in the studio.
+    Reload,
+    /// Leave the file as it is and keep editing.
+    Cancel,
+}
+
 impl StudioApp {
+    /// The question asked when a save finds the project file changed on disk.
+    pub(crate) fn save_conflict_window(&mut self, ctx: &egui::Context) {
+        let Some(path) = self.save_conflict.clone() else {
+            return;
+        };
+        let mut choice = None;
+        egui::Window::new("The project file changed on disk")
+            .collapsible(false)
+            .resizable(false)
+            .anchor(egui::Align2::CENTER_CENTER, egui::vec2(0.0, 0.0))
+            .show(ctx, |ui| {
+                ui.label(format!(
+                    "{} was changed by another program after the studio opened it. Saving \
+                     now would overwrite those changes.",
+                    path.display()
+                ));
+                ui.horizontal(|ui| {
+                    if ui.button("Overwrite with mine").clicked() {
+                        choice = Some(SaveConflict::Overwrite);
+                    }
+                    if ui
+                        .button("Reload from disk")
+                        .on_hover_text(
+                            "Open the file as it is now; the edits made here are dropped",
+                        )
+                        .clicked()
+                    {
+                        choice = Some(SaveConflict::Reload);
+                    }
+                    if ui.button("Cancel").clicked() {
+                        choice = Some(SaveConflict::Cancel);
+                    }
+                });
+            });
+        if let Some(c) = choice {
+            self.resolve_save_conflict(c);
+        }
+    }
+
     pub(crate) fn all_data_loaded(&self) -> bool {
         !self.data.is_empty() && self.data.iter().all(Option::is_some)
     }
@@ -115,14 +165,59 @@ impl StudioApp {
         }
     }
 
-    /// Saves to `path`.
+    /// Saves to `path`; when that is the open project's file and another program changed it
+    /// since it was opened or saved, asks first instead of overwriting.
     pub fn save_as(&mut self, path: PathBuf) {
+        self.save_checked(path, false);
+    }
+
+    /// Whether `path` is the open project's file and holds something else than the studio
+    /// last read or wrote there.
+    fn changed_on_disk(&self, path: &std::path::Path) -> bool {
+        if self.path.as_deref() != Some(path) {
+            return false;
+        }
+        match (&self.disk_bytes, std::fs::read(path)) {
+            (Some(known), Ok(now)) => *known != now,
+            // Deleted or unreadable since: saving puts it back, nothing is lost.
+            _ => false,
+        }
+    }
+
+    /// Answers the "changed on disk" question: overwrite with the studio's project, reload the
+    /// file (dropping the edits made here), or neither.
+    pub fn resolve_save_conflict(&mut self, choice: SaveConflict) {
+        let Some(path) = self.save_conflict.take() else {
+            return;
+        };
+        match choice {
+            SaveConflict::Overwrite => self.save_checked(path, true),
+            SaveConflict::Reload => self.open_project(path),
+            SaveConflict::Cancel => {
+                self.status = format!(
+                    "not saved; {} is as the other program left it",
+                    path.display()
+                )
+            }
+        }
+    }
+
+    fn save_checked(&mut self, path: PathBuf, overwrite: bool) {
         let path = std::path::absolute(&path).unwrap_or(path);
+        if !overwrite && self.changed_on_disk(&path) {
+            self.status = format!(
+                "not saved: {} was changed by another program since it was opened",
+                path.display()
+            );
+            self.save_conflict = Some(path);
+            return;
+        }
         let mut saved = self.project.clone();
         match saved.save(&path) {
             Ok(()) => {
                 self.project = saved;
                 self.saved_toml = self.project.to_toml();
+                self.disk_bytes = std::fs::read(&path).ok();
                 self.status = format!("saved {}", path.display());
                 self.recent.retain(|p| p != &path);
                 self.recent.insert(0, path.clone());

@@ -89,6 +89,8 @@ impl StudioApp {
         let mut open = None;
         let mut export = None;
         let mut export_gguf = None;
+        let mut resume = None;
+        let can_start = !self.is_training() && !self.experiments.is_running();
         egui::ScrollArea::vertical()
             .id_salt("runs")
             .max_height(240.0)
@@ -145,6 +147,17 @@ impl StudioApp {
                         ui.label(summary_text(s, "best_eval_loss"));
                         ui.horizontal(|ui| {
                             let has_model = run.has_model;
+                            if run.resumable
+                                && ui
+                                    .add_enabled(can_start, egui::Button::new("Resume"))
+                                    .on_hover_text(
+                                        "Go on from its newest checkpoint, exactly where it \
+                                         stopped, with the settings and model it ran with",
+                                    )
+                                    .clicked()
+                            {
+                                resume = Some(run.dir.clone());
+                            }
                             if ui.button("Open folder").clicked() {
                                 open = Some(run.dir.clone());
                             }
@@ -205,6 +218,10 @@ impl StudioApp {
             if let Err(e) = std::process::Command::new(opener).arg(&dir).spawn() {
                 self.status = format!("cannot open {}: {e}", dir.display());
             }
+        }
+        if let Some(dir) = resume {
+            self.resume_training(dir);
+            return;
         }
         if let Some(dir) = export {
             self.export_to(DialogKind::Export(dir));

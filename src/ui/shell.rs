@@ -32,6 +32,7 @@ impl StudioApp {
         }) {
             self.save_project();
         }
+        self.save_conflict_window(&ui.ctx().clone());
         egui::Panel::top("menu").show(ui, |ui| self.menu_bar(ui));
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
         egui::Panel::left("tasks")

@@ -482,3 +482,239 @@ fn chained_instructions_are_set_per_task_and_marked_in_the_browsers() {
     h.run_steps(2);
     assert!(h.query_by_label_contains("chained instruction").is_some());
 }
+
+/// The losses of every step line in a run's `metrics.jsonl`, in order.
+fn step_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<TrainEvent>(l).ok())
+        .filter_map(|e| match e {
+            TrainEvent::Step(m) => Some((m.step, m.loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn closing_the_window_mid_run_stops_it_and_the_reopened_studio_resumes_it_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    // Close the window (the close path eframe calls) once a step is done. A run that ends
+    // before the close takes effect proves nothing, so it is tried again with more steps.
+    let mut steps = 24;
+    let (run, stopped_at) = loop {
+        let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+        wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+        h.state_mut().set_tab(Tab::Train);
+        h.state_mut().steps_override = Some(steps);
+        h.run_steps(1);
+        h.get_by_label("Start").click();
+        h.run_steps(1);
+        wait_until(&mut h, &wake, "a first step", |a| a.history().step >= 1);
+        eframe::App::on_exit(h.state_mut(), None);
+        assert!(!h.state().is_training());
+        let run = h.state().run_dir().unwrap().to_path_buf();
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
+                .unwrap();
+        let at = summary["steps"].as_u64().unwrap();
+        if summary["ending"] == "stopped" && at < steps {
+            assert!(run.join(format!("checkpoint-{at}")).is_dir());
+            break (run, at);
+        }
+        steps *= 4;
+        assert!(steps < 10_000, "every run ended before the window closed");
+    };
+
+    // Reopened, the Runs tab shows it stopped and offers Resume.
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    h.state_mut().set_tab(Tab::Runs);
+    h.run_steps(2);
+    let listed = h.state().runs.iter().find(|r| r.dir == run).unwrap();
+    assert!(listed.resumable);
+    let row = h
+        .state()
+        .runs
+        .iter()
+        .filter(|r| r.resumable)
+        .position(|r| r.dir == run)
+        .unwrap();
+    assert!(h.query_all_by_label("stopped").count() >= 1);
+    h.query_all_by_label("Resume").nth(row).unwrap().click();
+    h.run_steps(1);
+    assert!(h.state().is_training(), "{}", h.state().status);
+    assert_eq!(h.state().run_dir(), Some(run.as_path()));
+    wait_until(&mut h, &wake, "the resumed run's end", |a| {
+        a.history().ending.is_some()
+    });
+    assert_eq!(
+        h.state().history().ending,
+        Some(TrainEvent::Finished { step: steps })
+    );
+    // The curve is whole: the steps before the close were drawn again from the record.
+    let drawn: Vec<f64> = h
+        .state()
+        .history()
+        .loss
+        .points()
+        .iter()
+        .map(|p| p[0])
+        .collect();
+    assert_eq!(drawn, (1..=steps).map(|s| s as f64).collect::<Vec<_>>());
+    assert!(stopped_at < steps);
+
+    // Every step once, each loss as in a run that was never interrupted.
+    let resumed = step_losses(&run);
+    assert_eq!(
+        resumed.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
+    let project = Project::load(&run.join("project.moi.toml")).unwrap();
+    let mut spec = crate::train::worker::RunSpec::new(project, h.state().model.choice());
+    spec.runs_dir = dir.path().join("reference");
+    spec.name = Some("whole".into());
+    let handle = crate::train::worker::spawn_run(spec, Arc::new(|| {})).unwrap();
+    while let Ok(event) = handle.events.recv() {
+        if event.is_terminal() {
+            assert_eq!(event, TrainEvent::Finished { step: steps });
+            break;
+        }
+    }
+    let whole_dir = handle.run_dir.clone();
+    handle.join();
+    let whole = step_losses(&whole_dir);
+    assert_eq!(whole.len(), resumed.len());
+    for ((s, a), (_, b)) in resumed.iter().zip(&whole) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {s}: resumed {a}, uninterrupted {b}"
+        );
+    }
+}
+
+#[test]
+fn a_project_file_changed_on_disk_is_not_overwritten_without_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    h.state_mut().project.default_system_prompt = "Mine.".into();
+    // Another program edits the file while the studio has it open.
+    let theirs = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("You are a helpful assistant.", "Theirs.");
+    assert!(theirs.contains("Theirs."));
+    std::fs::write(&path, &theirs).unwrap();
+    h.state_mut().save_project();
+    h.run_steps(2);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), theirs);
+    assert!(
+        h.query_by_label_contains("Saving now would overwrite")
+            .is_some()
+    );
+    h.get_by_label("Cancel").click();
+    h.run_steps(2);
+    assert!(h.state().save_conflict.is_none());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), theirs);
+
+    // Asked again, "Overwrite with mine" writes the studio's project.
+    h.state_mut().save_project();
+    h.run_steps(2);
+    h.get_by_label("Overwrite with mine").click();
+    h.run_steps(2);
+    let saved = Project::load(&path).unwrap();
+    assert_eq!(saved.default_system_prompt, "Mine.");
+    // Saving what the studio itself wrote asks nothing.
+    h.state_mut().project.default_system_prompt = "Mine again.".into();
+    h.state_mut().save_project();
+    h.run_steps(2);
+    assert!(h.state().save_conflict.is_none());
+    assert_eq!(
+        Project::load(&path).unwrap().default_system_prompt,
+        "Mine again."
+    );
+
+    // "Reload from disk" takes the other program's version and drops the edit made here.
+    let theirs = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("Mine again.", "Theirs again.");
+    std::fs::write(&path, &theirs).unwrap();
+    h.state_mut().project.default_system_prompt = "Lost.".into();
+    h.state_mut().save_project();
+    h.run_steps(2);
+    h.get_by_label("Reload from disk").click();
+    h.run_steps(2);
+    assert_eq!(h.state().project.default_system_prompt, "Theirs again.");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), theirs);
+}
+
+#[test]
+fn bad_training_settings_are_refused_at_their_field_and_never_start_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    h.state_mut().set_tab(Tab::Train);
+    h.run_steps(2);
+    assert!(!start_disabled(&h));
+    // A negative learning rate typed into its field.
+    h.get_by_role_and_label(Role::SpinButton, "Learning rate")
+        .click();
+    h.run_steps(1);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_role_and_label(Role::SpinButton, "Learning rate")
+        .type_text("-0.01");
+    h.key_press(egui::Key::Enter);
+    h.run_steps(2);
+    assert!(
+        h.state().project.training.lr < 0.0,
+        "{}",
+        h.state().project.training.lr
+    );
+    assert!(
+        h.query_by_label_contains("the learning rate must be above 0")
+            .is_some()
+    );
+    assert!(start_disabled(&h));
+    // Zero rows per batch, likewise.
+    h.state_mut().project.training.lr = 1e-3;
+    h.get_by_role_and_label(Role::SpinButton, "Rows per batch")
+        .click();
+    h.run_steps(1);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_role_and_label(Role::SpinButton, "Rows per batch")
+        .type_text("0");
+    h.key_press(egui::Key::Enter);
+    h.run_steps(2);
+    assert_eq!(h.state().project.training.batch_rows, 0);
+    assert!(
+        h.query_by_label_contains("a batch needs at least 1 row")
+            .is_some()
+    );
+    assert!(start_disabled(&h));
+    // Nothing reaches the worker, whatever calls it; nor is such a project saved.
+    h.state_mut().start_training();
+    assert!(!h.state().is_training());
+    assert!(
+        h.state().status.contains("a batch needs at least 1 row"),
+        "{}",
+        h.state().status
+    );
+    h.state_mut().save_project();
+    assert!(
+        h.state().status.starts_with("not saved"),
+        "{}",
+        h.state().status
+    );
+    assert_eq!(Project::load(&path).unwrap().training.batch_rows, 1);
+    h.state_mut().project.training.batch_rows = 2;
+    h.run_steps(2);
+    assert!(!start_disabled(&h));
+}
+
+fn start_disabled(h: &Harness<'static, StudioApp>) -> bool {
+    use egui_kittest::kittest::NodeT;
+    h.get_by_label("Start").accesskit_node().is_disabled()
+}

@@ -13,7 +13,7 @@ use crate::core::events::TrainCommand;
 use crate::core::metrics::Series;
 use crate::core::phases::{Difficulty, PhaseSchedule};
 use crate::core::runs::RunHistory;
-use crate::core::train_settings::{Decay, LoraTarget, LossNorm};
+use crate::core::train_settings::{Decay, LoraTarget, LossNorm, SettingField};
 use crate::ui::app::{ModelPick, StudioApp, task_color};
 use crate::ui::jobs::{DialogKind, start_answer};
 
@@ -204,20 +204,30 @@ impl StudioApp {
             if !limit {
                 ui.weak(format!("({} epochs)", self.project.mixing.epochs));
             }
+            // Typed values are kept as typed (within what the type holds) and refused here
+            // with the reason, rather than quietly clamped.
+            let refuse = |ui: &mut egui::Ui, why: Option<&str>| {
+                if let Some(why) = why {
+                    ui.colored_label(ui.visuals().error_fg_color, why);
+                }
+            };
             let l = ui.label("Rows per batch");
-            ui.add(egui::DragValue::new(&mut t.batch_rows).range(1..=256))
+            ui.add(egui::DragValue::new(&mut t.batch_rows).range(0..=256))
                 .labelled_by(l.id);
+            refuse(ui, t.problem(SettingField::BatchRows));
             let l = ui.label("Accumulation");
-            ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=256))
+            ui.add(egui::DragValue::new(&mut t.grad_accum).range(0..=256))
                 .labelled_by(l.id);
+            refuse(ui, t.problem(SettingField::GradAccum));
             let l = ui.label("Learning rate");
             ui.add(
                 egui::DragValue::new(&mut t.lr)
                     .speed(1e-5)
-                    .range(0.0..=1.0)
+                    .range(-1.0..=1.0)
                     .max_decimals(6),
             )
             .labelled_by(l.id);
+            refuse(ui, t.problem(SettingField::LearningRate));
             let l = ui.label("Warm-up");
             ui.add(egui::DragValue::new(&mut t.warmup_steps))
                 .labelled_by(l.id);
@@ -369,11 +379,17 @@ impl StudioApp {
         let training = self.is_training();
         let paused = self.train.as_ref().is_some_and(|t| t.paused);
         ui.horizontal(|ui| {
+            let refused = self.project.training.refusals();
             if ui
                 .add_enabled(
-                    !training && !self.project.tasks.is_empty(),
+                    !training && !self.project.tasks.is_empty() && refused.is_empty(),
                     egui::Button::new("Start"),
                 )
+                .on_disabled_hover_text(if refused.is_empty() {
+                    "a run is going on, or the project has no task".to_string()
+                } else {
+                    format!("fix first: {}", refused.join("; "))
+                })
                 .clicked()
             {
                 self.start_training();

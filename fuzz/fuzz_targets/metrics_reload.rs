@@ -1,0 +1,4 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    moi_studio::fuzzing::run("metrics_reload", data);
+});
