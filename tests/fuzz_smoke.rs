@@ -225,8 +225,16 @@ fn write_fuzz_seeds() {
         b"instruction,input,output\n\"Say \"\"hi\"\"\",,\"hi\nthere\"\nx,y,z\n",
     );
 
-    put("import_parquet", "alpaca.parquet", &parquet_bytes(false));
-    put("import_parquet", "sharegpt.parquet", &parquet_bytes(true));
+    put(
+        "import_parquet",
+        "alpaca.parquet",
+        &common::parquet_bytes(false),
+    );
+    put(
+        "import_parquet",
+        "sharegpt.parquet",
+        &common::parquet_bytes(true),
+    );
 
     let mut compressed = vec![0u8];
     compressed.extend_from_slice(alpaca);
@@ -327,45 +335,6 @@ fn write_fuzz_seeds() {
     for target in TARGETS {
         assert!(seeds.join(target).is_dir(), "no seeds written for {target}");
     }
-}
-
-fn parquet_bytes(sharegpt: bool) -> Vec<u8> {
-    use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
-    use arrow_array::{ArrayRef, RecordBatch, StringArray};
-    use arrow_schema::{DataType, Field, Fields};
-    use std::sync::Arc;
-
-    let batch = if sharegpt {
-        let fields = Fields::from(vec![
-            Field::new("from", DataType::Utf8, true),
-            Field::new("value", DataType::Utf8, true),
-        ]);
-        let mut list = ListBuilder::new(StructBuilder::from_fields(fields, 4));
-        for i in 0..3 {
-            let s = list.values();
-            for (from, value) in [("human", format!("hello {i}")), ("gpt", format!("hi {i}"))] {
-                s.field_builder::<StringBuilder>(0)
-                    .unwrap()
-                    .append_value(from);
-                s.field_builder::<StringBuilder>(1)
-                    .unwrap()
-                    .append_value(value);
-                s.append(true);
-            }
-            list.append(true);
-        }
-        let array: ArrayRef = Arc::new(list.finish());
-        RecordBatch::try_from_iter([("conversations", array)]).unwrap()
-    } else {
-        let q: ArrayRef = Arc::new(StringArray::from(vec!["a?", "b?", "c?"]));
-        let a: ArrayRef = Arc::new(StringArray::from(vec![Some("A"), None, Some("C")]));
-        RecordBatch::try_from_iter([("instruction", q), ("output", a)]).unwrap()
-    };
-    let mut out = Vec::new();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
-    out
 }
 
 /// A GGUF file with a byte-level BPE tokenizer, a chat template and no tensors.

@@ -2,12 +2,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use moi_studio::core::import::{
     ColumnMapping, FileKind, Format, ImportError, ImportOptions, import_all, import_file,
 };
 use moi_studio::core::record::Role;
+
+mod common;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -302,40 +303,7 @@ fn progress_reaches_the_file_size() {
 
 /// Writes a parquet file with one flat alpaca table and one nested sharegpt table.
 fn write_parquet(path: &Path, sharegpt: bool) {
-    use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
-    use arrow_array::{ArrayRef, RecordBatch, StringArray};
-    use arrow_schema::{DataType, Field, Fields};
-
-    let batch = if sharegpt {
-        let fields = Fields::from(vec![
-            Field::new("from", DataType::Utf8, true),
-            Field::new("value", DataType::Utf8, true),
-        ]);
-        let mut list = ListBuilder::new(StructBuilder::from_fields(fields, 4));
-        for i in 0..5 {
-            let s = list.values();
-            for (from, value) in [("human", format!("hello {i}")), ("gpt", format!("hi {i}"))] {
-                s.field_builder::<StringBuilder>(0)
-                    .unwrap()
-                    .append_value(from);
-                s.field_builder::<StringBuilder>(1)
-                    .unwrap()
-                    .append_value(value);
-                s.append(true);
-            }
-            list.append(true);
-        }
-        let array: ArrayRef = Arc::new(list.finish());
-        RecordBatch::try_from_iter([("conversations", array)]).unwrap()
-    } else {
-        let q: ArrayRef = Arc::new(StringArray::from(vec!["a?", "b?", "c?"]));
-        let a: ArrayRef = Arc::new(StringArray::from(vec![Some("A"), None, Some("C")]));
-        RecordBatch::try_from_iter([("instruction", q), ("output", a)]).unwrap()
-    };
-    let file = std::fs::File::create(path).unwrap();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    std::fs::write(path, common::parquet_bytes(sharegpt)).unwrap();
 }
 
 #[test]

@@ -19,6 +19,51 @@ pub struct SourceOutcome {
     pub report: Option<ImportReport>,
     /// Why the file could not be read, when it could not.
     pub error: Option<String>,
+    /// Its size and modification time just before it was read.
+    #[serde(skip)]
+    pub stamp: Option<FileStamp>,
+}
+
+/// A file's size and modification time, to notice it changing on disk after it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Size in bytes.
+    pub len: u64,
+    /// Last modification, where the file system keeps it.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now, or `None` when it cannot be read.
+    pub fn of(path: &std::path::Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+impl SourceOutcome {
+    /// What happened to the file since it was imported, in a sentence; `None` while it is as it
+    /// was (or was never read).
+    pub fn drift(&self) -> Option<String> {
+        let then = self.stamp?;
+        let records = self.report.as_ref().map_or(0, |r| r.records);
+        match FileStamp::of(&self.path) {
+            None => Some(format!(
+                "{} was deleted or cannot be read any more; the {records} records imported from \
+                 it are kept until it is imported again",
+                self.path.display()
+            )),
+            Some(now) if now != then => Some(format!(
+                "{} changed on disk after it was imported; the studio still shows the {records} \
+                 records read before",
+                self.path.display()
+            )),
+            Some(_) => None,
+        }
+    }
 }
 
 /// A task's records, with the held-out split.
@@ -139,6 +184,7 @@ pub fn load_task(
     let mut sources = Vec::with_capacity(task.sources.len());
     for (i, source) in task.sources.iter().enumerate() {
         let path = project.resolve(&source.path);
+        let stamp = FileStamp::of(&path);
         let mut options = Project::import_options(source, i as u32);
         options.score_field = project
             .training
@@ -158,11 +204,13 @@ pub fn load_task(
                 path,
                 report: Some(report),
                 error: None,
+                stamp,
             },
             Err(e) => SourceOutcome {
                 path,
                 report: None,
                 error: Some(e.to_string()),
+                stamp,
             },
         });
     }

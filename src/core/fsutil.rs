@@ -34,6 +34,92 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes a folder atomically: `fill` writes its files into a temporary folder beside `dir`,
+/// which is flushed to disk and then swapped with `dir` in one step, so a kill at any moment
+/// leaves either the old folder whole or the new one (on Linux, `renameat2` with
+/// `RENAME_EXCHANGE`; elsewhere the old folder is moved aside for the instant between two
+/// renames). The old contents are then removed.
+pub fn write_dir_atomic(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent)?;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("folder")
+        .to_string();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}-"))
+        .tempdir_in(parent)?;
+    fill(tmp.path())?;
+    for entry in std::fs::read_dir(tmp.path())? {
+        let path = entry?.path();
+        if path.is_file() {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(tmp.path())?.sync_all()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+    }
+    if dir.exists() {
+        if !exchange(tmp.path(), dir) {
+            let aside = parent.join(format!(".{name}.old"));
+            if aside.exists() {
+                std::fs::remove_dir_all(&aside)?;
+            }
+            std::fs::rename(dir, &aside)?;
+            std::fs::rename(tmp.path(), dir)?;
+            std::fs::remove_dir_all(&aside)?;
+        }
+        // `tmp` now holds the old folder; dropping it removes it.
+    } else {
+        let kept = tmp.keep();
+        std::fs::rename(&kept, dir)?;
+    }
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Swaps two paths in one step where the system can; whether it did.
+fn exchange(a: &Path, b: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let (Ok(a), Ok(b)) = (
+            std::ffi::CString::new(a.as_os_str().as_bytes()),
+            std::ffi::CString::new(b.as_os_str().as_bytes()),
+        ) else {
+            return false;
+        };
+        // SAFETY: both are valid NUL-terminated paths; the call only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        rc == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        false
+    }
+}
+
 /// Gives a file the usual permissions (0644): temporary files that became real ones are private.
 pub fn set_readable(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
@@ -78,11 +164,15 @@ pub fn normalize(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                // `/..` is `/`.
+                Some(Component::RootDir) | Some(Component::Prefix(_)) => {}
+                // Leading `..`s stay: `../../x` is not `x`.
+                _ => out.push(".."),
+            },
             other => out.push(other.as_os_str()),
         }
     }
@@ -92,6 +182,17 @@ pub fn normalize(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_parent_folders_are_kept() {
+        assert_eq!(
+            normalize(Path::new("./../../tmp/x")),
+            Path::new("../../tmp/x")
+        );
+        assert_eq!(normalize(Path::new("a/../../b")), Path::new("../b"));
+        assert_eq!(normalize(Path::new("/a/../../b")), Path::new("/b"));
+        assert_eq!(normalize(Path::new("a/./b/../c")), Path::new("a/c"));
+    }
 
     #[test]
     fn relative_paths() {

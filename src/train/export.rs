@@ -78,6 +78,37 @@ pub fn save_model_folder(
     Ok(())
 }
 
+/// [`save_model_folder`] as one atomic step: a kill while it writes leaves the folder that was
+/// there before whole, or the new one (see [`crate::core::fsutil::write_dir_atomic`]). For
+/// folders the studio owns (a run's `model/` and `base/`), since other files in `dir` go.
+pub fn save_model_folder_atomic(
+    dir: &Path,
+    config: &ModelConfig,
+    weights: &[(String, Tensor)],
+    tokenizer: &Tokenizer,
+    chat_template: &str,
+    bos: &str,
+    eos: &str,
+) -> anyhow::Result<()> {
+    crate::core::fsutil::write_dir_atomic(dir, |tmp| {
+        save_model_folder(tmp, config, weights, tokenizer, chat_template, bos, eos)
+    })
+    .with_context(|| format!("writing {}", dir.display()))
+}
+
+/// [`save_peft_adapter`] as one atomic step, for a run's own `adapter/` folder.
+pub fn save_peft_adapter_atomic(
+    dir: &Path,
+    adapters: &[(String, Tensor)],
+    settings: &LoraSettings,
+    base_model: &str,
+) -> anyhow::Result<()> {
+    crate::core::fsutil::write_dir_atomic(dir, |tmp| {
+        save_peft_adapter(tmp, adapters, settings, base_model)
+    })
+    .with_context(|| format!("writing {}", dir.display()))
+}
+
 /// ChatML as Jinja, for models that carry no template of their own.
 pub const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 

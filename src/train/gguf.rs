@@ -210,6 +210,18 @@ fn byte_level_tokenizer(meta: &Meta, tokens: &[String]) -> Result<Tokenizer, Ggu
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
+    // The BPE builder indexes a buffer by the merged token's length and panics on a merge
+    // whose halves or result are not tokens; such a file is refused here instead (found by
+    // fuzzing: fuzz/regressions/gguf_header).
+    if let Some((i, (a, b))) = merges.iter().enumerate().find(|(_, (a, b))| {
+        !(vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}")))
+    }) {
+        return Err(meta.err(format!(
+            "tokenizer.ggml.merges entry {} (\"{a} {b}\") joins tokens that are not in the \
+             vocabulary",
+            i + 1
+        )));
+    }
     let pre = meta
         .string("tokenizer.ggml.pre")
         .unwrap_or_else(|_| "gpt2".to_string());

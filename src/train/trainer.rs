@@ -372,13 +372,23 @@ pub fn restore_checkpoint(
 
 /// Puts `out_dir`'s checkpoints in order after a kill: a checkpoint moved aside to be replaced
 /// (`.checkpoint-N.old`) goes back when its replacement never arrived, and is removed when it
-/// did; half-written temporary folders (`.checkpoint-…`) are removed.
+/// did; half-written temporary folders (`.checkpoint-…`, and `.model-…`, `.adapter-…`,
+/// `.base-…` from the run's model folders) are removed.
 pub fn recover_checkpoints(out_dir: &Path) -> std::io::Result<()> {
     let Ok(entries) = std::fs::read_dir(out_dir) else {
         return Ok(());
     };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
+        // Half-written model, adapter and base folders (`write_dir_atomic`'s temporaries).
+        if [".model-", ".adapter-", ".base-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+            && entry.path().is_dir()
+        {
+            std::fs::remove_dir_all(entry.path())?;
+            continue;
+        }
         let Some(rest) = name.strip_prefix(".checkpoint-") else {
             continue;
         };

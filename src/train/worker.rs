@@ -26,7 +26,7 @@ use crate::core::template::ChatTemplate;
 use crate::train::chat::Chat;
 use crate::train::device::choose_device;
 use crate::train::eval::EvalSet;
-use crate::train::export::{save_model_folder, save_peft_adapter, tensors_of};
+use crate::train::export::{save_model_folder_atomic, save_peft_adapter_atomic, tensors_of};
 use crate::train::memory;
 use crate::train::model::{Decoder, init_lora, init_weights, merge_lora, named_vars};
 use crate::train::optim::AdamW;
@@ -689,7 +689,7 @@ fn run_worker(
             ModelChoice::Path(p) if !is_gguf(p) => p.clone(),
             _ => {
                 let dir = run_dir.join("base");
-                save_model_folder(
+                save_model_folder_atomic(
                     &dir,
                     config,
                     &parts.base,
@@ -702,7 +702,7 @@ fn run_worker(
             }
         };
         let base_path = std::path::absolute(&base_path).unwrap_or(base_path);
-        save_peft_adapter(
+        save_peft_adapter_atomic(
             &run_dir.join("adapter"),
             &trained,
             lora,
@@ -712,7 +712,7 @@ fn run_worker(
     } else {
         trained
     };
-    save_model_folder(
+    save_model_folder_atomic(
         &run_dir.join("model"),
         config,
         &weights,

@@ -182,6 +182,10 @@ pub struct StudioApp {
     pub(crate) disk_bytes: Option<Vec<u8>>,
     /// A save refused because the file changed on disk: the studio asks what to keep.
     pub(crate) save_conflict: Option<PathBuf>,
+    /// Dataset files changed or gone since they were imported: (task, what happened).
+    pub(crate) source_drift: Vec<(usize, String)>,
+    /// When the dataset files were last looked at.
+    pub(crate) drift_checked: Option<std::time::Instant>,
     pub(crate) open_error: Option<String>,
     pub(crate) tab: Tab,
     pub(crate) selected_task: usize,
@@ -243,6 +247,8 @@ impl StudioApp {
             saved_toml: project.to_toml(),
             disk_bytes: None,
             save_conflict: None,
+            source_drift: Vec::new(),
+            drift_checked: None,
             project,
             open_error: None,
             tab: Tab::Data,

@@ -58,6 +58,67 @@ impl StudioApp {
         }
     }
 
+    /// Looks at the imported tasks' files again (one `stat` each) and notes those that changed
+    /// or went away since they were read; the records already read stay.
+    pub fn check_sources(&mut self) {
+        self.drift_checked = Some(std::time::Instant::now());
+        let drift: Vec<(usize, String)> = self
+            .data
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.as_ref().map(|d| (i, d)))
+            .flat_map(|(i, d)| d.sources.iter().filter_map(move |s| Some((i, s.drift()?))))
+            .collect();
+        if let Some((_, why)) = drift.iter().find(|d| !self.source_drift.contains(d)) {
+            self.status = why.clone();
+        }
+        self.source_drift = drift;
+    }
+
+    /// [`Self::check_sources`] at most every two seconds, from the frame loop.
+    pub(crate) fn check_sources_now_and_then(&mut self) {
+        if self
+            .drift_checked
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(2))
+        {
+            self.check_sources();
+        }
+    }
+
+    /// Imports task `task`'s files again (after they changed on disk).
+    pub fn reimport_task(&mut self, task: usize) {
+        let Some(slot) = self.data.get_mut(task) else {
+            return;
+        };
+        *slot = None;
+        self.source_drift.retain(|(t, _)| *t != task);
+        self.status = format!("importing {} again", self.project.tasks[task].name);
+        let pending: Vec<usize> = (0..self.data.len())
+            .filter(|&j| self.data[j].is_none())
+            .collect();
+        self.load_tasks(pending);
+    }
+
+    /// The warnings about changed dataset files, each with its Re-import button.
+    pub(crate) fn drift_warnings(&mut self, ui: &mut egui::Ui) {
+        let mut reimport = None;
+        for (task, why) in &self.source_drift {
+            ui.horizontal_wrapped(|ui| {
+                ui.colored_label(ui.visuals().warn_fg_color, why);
+                if ui
+                    .button("Re-import")
+                    .on_hover_text("Read this task's files again as they are now")
+                    .clicked()
+                {
+                    reimport = Some(*task);
+                }
+            });
+        }
+        if let Some(t) = reimport {
+            self.reimport_task(t);
+        }
+    }
+
     pub(crate) fn all_data_loaded(&self) -> bool {
         !self.data.is_empty() && self.data.iter().all(Option::is_some)
     }

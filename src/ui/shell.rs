@@ -32,6 +32,9 @@ impl StudioApp {
         }) {
             self.save_project();
         }
+        if !self.is_loading() {
+            self.check_sources_now_and_then();
+        }
         self.save_conflict_window(&ui.ctx().clone());
         egui::Panel::top("menu").show(ui, |ui| self.menu_bar(ui));
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
@@ -42,6 +45,7 @@ impl StudioApp {
             if let Some(err) = &self.open_error {
                 ui.colored_label(ui.visuals().error_fg_color, err);
             }
+            self.drift_warnings(ui);
             ui.horizontal(|ui| {
                 for tab in Tab::ALL {
                     ui.selectable_value(&mut self.tab, tab, tab.title());

@@ -718,3 +718,63 @@ fn start_disabled(h: &Harness<'static, StudioApp>) -> bool {
     use egui_kittest::kittest::NodeT;
     h.get_by_label("Start").accesskit_node().is_disabled()
 }
+
+#[test]
+fn a_dataset_changed_or_deleted_while_open_gives_a_message_and_offers_re_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("facts.jsonl");
+    let line = |i: usize| format!("{{\"instruction\":\"Fact {i}?\",\"output\":\"Yes {i}.\"}}\n");
+    std::fs::write(&file, (0..5).map(line).collect::<String>()).unwrap();
+    let (mut h, wake) = harness(StudioApp::empty);
+    h.state_mut().import_paths(std::slice::from_ref(&file));
+    wait_until(&mut h, &wake, "the import", |a| a.all_data_loaded());
+    let records = |a: &StudioApp| a.data[0].as_ref().map(|d| d.records.len());
+    assert_eq!(
+        records(h.state()),
+        Some(5),
+        "{:?}",
+        h.state().data[0].as_ref().map(|d| &d.sources)
+    );
+    h.state_mut().check_sources();
+    assert!(h.state().source_drift.is_empty());
+
+    // Another program adds records: the studio says so and keeps what it read.
+    let mut more = std::fs::read_to_string(&file).unwrap();
+    more.push_str(&line(5));
+    more.push_str(&line(6));
+    std::fs::write(&file, more).unwrap();
+    h.state_mut().check_sources();
+    h.run_steps(2);
+    // Above the tabs, and in the status line.
+    assert!(
+        h.query_all_by_label_contains("changed on disk after it was imported")
+            .count()
+            >= 1
+    );
+    assert_eq!(records(h.state()), Some(5));
+    h.get_by_label("Re-import").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the re-import", |a| a.all_data_loaded());
+    assert_eq!(records(h.state()), Some(7));
+    h.state_mut().check_sources();
+    assert!(h.state().source_drift.is_empty());
+
+    // Deleted: a message, the records stay, nothing breaks; re-importing names the file.
+    std::fs::remove_file(&file).unwrap();
+    h.state_mut().check_sources();
+    h.run_steps(2);
+    assert!(
+        h.query_all_by_label_contains("was deleted or cannot be read")
+            .count()
+            >= 1
+    );
+    assert_eq!(records(h.state()), Some(7));
+    h.get_by_label("Re-import").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the re-import", |a| a.all_data_loaded());
+    let data = h.state().data[0].clone().unwrap();
+    assert_eq!(data.records.len(), 0);
+    let error = data.sources[0].error.clone().unwrap();
+    assert!(error.contains("facts.jsonl"), "{error}");
+    h.run_steps(2);
+}

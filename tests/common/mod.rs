@@ -54,3 +54,45 @@ pub fn quick_project(
     project.save(&path).unwrap();
     path
 }
+
+/// A parquet file in memory: one flat alpaca table (a null answer in row 2) or one nested
+/// sharegpt table (lists of structs).
+#[allow(dead_code)]
+pub fn parquet_bytes(sharegpt: bool) -> Vec<u8> {
+    use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Fields};
+    use std::sync::Arc;
+
+    let batch = if sharegpt {
+        let fields = Fields::from(vec![
+            Field::new("from", DataType::Utf8, true),
+            Field::new("value", DataType::Utf8, true),
+        ]);
+        let mut list = ListBuilder::new(StructBuilder::from_fields(fields, 4));
+        for i in 0..5 {
+            let s = list.values();
+            for (from, value) in [("human", format!("hello {i}")), ("gpt", format!("hi {i}"))] {
+                s.field_builder::<StringBuilder>(0)
+                    .unwrap()
+                    .append_value(from);
+                s.field_builder::<StringBuilder>(1)
+                    .unwrap()
+                    .append_value(value);
+                s.append(true);
+            }
+            list.append(true);
+        }
+        let array: ArrayRef = Arc::new(list.finish());
+        RecordBatch::try_from_iter([("conversations", array)]).unwrap()
+    } else {
+        let q: ArrayRef = Arc::new(StringArray::from(vec!["a?", "b?", "c?"]));
+        let a: ArrayRef = Arc::new(StringArray::from(vec![Some("A"), None, Some("C")]));
+        RecordBatch::try_from_iter([("instruction", q), ("output", a)]).unwrap()
+    };
+    let mut out = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    out
+}

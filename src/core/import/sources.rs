@@ -362,16 +362,22 @@ impl ParquetSource {
             path: path.to_path_buf(),
             source,
         })?;
-        let reader =
-            parquet::file::serialized_reader::SerializedFileReader::new(file).map_err(|e| {
-                ImportError::Parquet {
-                    path: path.to_path_buf(),
-                    why: e.to_string(),
-                }
-            })?;
-        let total_rows = reader.metadata().file_metadata().num_rows().max(0) as u64;
+        let parquet_err = |why: String| ImportError::Parquet {
+            path: path.to_path_buf(),
+            why,
+        };
+        let opened = guarded(|| {
+            let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)?;
+            let total_rows = reader.metadata().file_metadata().num_rows().max(0) as u64;
+            Ok::<_, parquet::errors::ParquetError>((reader.into_iter(), total_rows))
+        });
+        let (rows, total_rows) = match opened {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(parquet_err(e.to_string())),
+            Err(why) => return Err(parquet_err(why)),
+        };
         Ok(Self {
-            rows: reader.into_iter(),
+            rows,
             row: 0,
             total_rows,
             total_bytes,
@@ -381,7 +387,13 @@ impl ParquetSource {
 
 impl ValueSource for ParquetSource {
     fn next_item(&mut self) -> Result<Option<Item>, Stop> {
-        match self.rows.next() {
+        let next = guarded(|| self.rows.next()).map_err(|why| {
+            Stop(format!(
+                "row {}: {why}; reading stopped there",
+                self.row + 1
+            ))
+        })?;
+        match next {
             None => Ok(None),
             Some(Ok(row)) => {
                 self.row += 1;
@@ -403,4 +415,18 @@ impl ValueSource for ParquetSource {
         }
         (self.row as f64 / self.total_rows as f64 * self.total_bytes as f64) as u64
     }
+}
+
+/// Runs a step of the parquet reader, turning a panic in it into a message: the parquet crate
+/// asserts on some malformed files (a negative column offset, found by fuzzing:
+/// fuzz/regressions/import_parquet) rather than returning an error.
+fn guarded<T>(step: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).map_err(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "an internal error".to_string());
+        format!("the parquet reader failed on this file ({what})")
+    })
 }
