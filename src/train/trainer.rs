@@ -232,62 +232,36 @@ fn sha256_of(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Writes a checkpoint folder atomically: `model.safetensors`, `optimizer.safetensors`,
-/// `trainer_state.json` and their SHA-256 digests in `checksums.json` are written and flushed to
-/// disk in a temporary folder beside `dir`, which is then renamed to `dir`. A checkpoint of the
-/// same name is moved aside first and removed only once the new one is in place.
+/// `trainer_state.json` and their SHA-256 digests in `checksums.json` are written in a temporary
+/// folder beside `dir` and swapped in as a whole ([`crate::core::fsutil::write_dir_atomic`]; where
+/// the system cannot swap, a checkpoint of the same name is moved aside to `.checkpoint-N.old`
+/// for the instant between two renames, which [`recover_checkpoints`] puts back after a kill).
 pub fn save_checkpoint(
     dir: &Path,
     weights: &[(String, Var)],
     opt: &AdamW,
     state: &TrainerState,
 ) -> anyhow::Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".checkpoint-")
-        .tempdir_in(parent)?;
-    let w: HashMap<String, Tensor> = weights
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&w, tmp.path().join("model.safetensors"))?;
-    let o: HashMap<String, Tensor> = opt.state().into_iter().collect();
-    candle_core::safetensors::save(&o, tmp.path().join("optimizer.safetensors"))?;
-    std::fs::write(
-        tmp.path().join("trainer_state.json"),
-        serde_json::to_string_pretty(state)?,
-    )?;
-    let mut sums = serde_json::Map::new();
-    for f in CHECKPOINT_FILES {
-        let path = tmp.path().join(f);
-        std::fs::File::open(&path)?.sync_all()?;
-        sums.insert(f.to_string(), sha256_of(&path)?.into());
-    }
-    let sums_path = tmp.path().join(CHECKSUMS);
-    std::fs::write(&sums_path, serde_json::to_string_pretty(&sums)?)?;
-    std::fs::File::open(&sums_path)?.sync_all()?;
-    std::fs::File::open(tmp.path())?.sync_all()?;
-    let aside = dir.with_file_name(format!(
-        ".{}.old",
-        dir.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("checkpoint")
-    ));
-    if dir.exists() {
-        if aside.exists() {
-            std::fs::remove_dir_all(&aside)?;
+    crate::core::fsutil::write_dir_atomic(dir, |tmp| {
+        let w: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&w, tmp.join("model.safetensors"))?;
+        let o: HashMap<String, Tensor> = opt.state().into_iter().collect();
+        candle_core::safetensors::save(&o, tmp.join("optimizer.safetensors"))?;
+        std::fs::write(
+            tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(state)?,
+        )?;
+        let mut sums = serde_json::Map::new();
+        for f in CHECKPOINT_FILES {
+            sums.insert(f.to_string(), sha256_of(&tmp.join(f))?.into());
         }
-        std::fs::rename(dir, &aside)?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, dir).with_context(|| format!("writing {}", dir.display()))?;
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    if aside.exists() {
-        std::fs::remove_dir_all(&aside)?;
-    }
-    Ok(())
+        std::fs::write(tmp.join(CHECKSUMS), serde_json::to_string_pretty(&sums)?)?;
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", dir.display()))
 }
 
 /// Checks a checkpoint folder's files against `checksums.json`. Folders written before
