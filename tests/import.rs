@@ -336,3 +336,21 @@ fn parquet_flat_and_nested() {
     let msg = import_all(&fake, &auto()).unwrap_err().to_string();
     assert!(msg.contains("PAR1"), "{msg}");
 }
+
+/// Fuzzing found a parquet file whose dictionary page claims about 1.8 billion values in a few
+/// bytes; the parquet crate reserved 29.6 GB for it and the process aborted. The importer now
+/// refuses the page by name before anything is reserved.
+#[test]
+fn a_dictionary_page_claiming_more_values_than_it_holds_is_refused() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/import_parquet/dictionary-claims-billions-of-values.parquet");
+    let msg = match import_all(&path, &auto()) {
+        Err(e) => e.to_string(),
+        Ok((records, report)) => {
+            assert!(records.is_empty());
+            report.to_string()
+        }
+    };
+    assert!(msg.contains("dictionary page claims"), "{msg}");
+    assert!(msg.contains("dictionary-claims-billions-of-values.parquet"), "{msg}");
+}

@@ -369,7 +369,8 @@ impl ParquetSource {
         let opened = guarded(|| {
             let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)?;
             let total_rows = reader.metadata().file_metadata().num_rows().max(0) as u64;
-            Ok::<_, parquet::errors::ParquetError>((reader.into_iter(), total_rows))
+            let rows = parquet::record::reader::RowIter::from_file_into(Box::new(CheckedFile(reader)));
+            Ok::<_, parquet::errors::ParquetError>((rows, total_rows))
         });
         let (rows, total_rows) = match opened {
             Ok(Ok(r)) => r,
@@ -414,6 +415,148 @@ impl ValueSource for ParquetSource {
             return 0;
         }
         (self.row as f64 / self.total_rows as f64 * self.total_bytes as f64) as u64
+    }
+}
+
+/// A parquet file reader whose page readers check each dictionary page before it is decoded.
+///
+/// The parquet crate sizes a dictionary from the page header's value count alone, so a page
+/// claiming 1.8 billion values in a few bytes made it reserve 29.6 GB and abort the process
+/// (found by fuzzing: fuzz/regressions/import_parquet). A plain-encoded value takes at least one
+/// byte in the page (four for lengths and 32-bit numbers, eight for 64-bit ones), so a count
+/// above what the decoded page can hold is refused before anything is reserved.
+struct CheckedFile(parquet::file::serialized_reader::SerializedFileReader<std::fs::File>);
+
+struct CheckedRowGroup<'a>(Box<dyn parquet::file::reader::RowGroupReader + 'a>);
+
+struct CheckedPages {
+    inner: Box<dyn parquet::column::page::PageReader>,
+    column: String,
+    min_value_bytes: usize,
+}
+
+impl parquet::file::reader::FileReader for CheckedFile {
+    fn metadata(&self) -> &parquet::file::metadata::ParquetMetaData {
+        self.0.metadata()
+    }
+
+    fn num_row_groups(&self) -> usize {
+        self.0.num_row_groups()
+    }
+
+    fn get_row_group(
+        &self,
+        i: usize,
+    ) -> parquet::errors::Result<Box<dyn parquet::file::reader::RowGroupReader + '_>> {
+        Ok(Box::new(CheckedRowGroup(self.0.get_row_group(i)?)))
+    }
+
+    fn get_row_iter(
+        &self,
+        projection: Option<parquet::schema::types::Type>,
+    ) -> parquet::errors::Result<parquet::record::reader::RowIter<'_>> {
+        parquet::record::reader::RowIter::from_file(projection, self)
+    }
+}
+
+impl parquet::file::reader::RowGroupReader for CheckedRowGroup<'_> {
+    fn metadata(&self) -> &parquet::file::metadata::RowGroupMetaData {
+        self.0.metadata()
+    }
+
+    fn num_columns(&self) -> usize {
+        self.0.num_columns()
+    }
+
+    fn get_column_page_reader(
+        &self,
+        i: usize,
+    ) -> parquet::errors::Result<Box<dyn parquet::column::page::PageReader>> {
+        use parquet::basic::Type;
+        let descr = self.0.metadata().column(i).column_descr();
+        let min_value_bytes = match descr.physical_type() {
+            Type::BOOLEAN => 1,
+            Type::INT32 | Type::FLOAT | Type::BYTE_ARRAY => 4,
+            Type::INT64 | Type::DOUBLE => 8,
+            Type::INT96 => 12,
+            Type::FIXED_LEN_BYTE_ARRAY => descr.type_length().max(1) as usize,
+        };
+        Ok(Box::new(CheckedPages {
+            inner: self.0.get_column_page_reader(i)?,
+            column: descr.path().string(),
+            min_value_bytes,
+        }))
+    }
+
+    fn get_column_bloom_filter(&self, i: usize) -> Option<&parquet::bloom_filter::Sbbf> {
+        self.0.get_column_bloom_filter(i)
+    }
+
+    fn get_row_iter(
+        &self,
+        projection: Option<parquet::schema::types::Type>,
+    ) -> parquet::errors::Result<parquet::record::reader::RowIter<'_>> {
+        parquet::record::reader::RowIter::from_row_group(projection, self)
+    }
+}
+
+impl CheckedPages {
+    fn check(
+        &self,
+        page: Option<parquet::column::page::Page>,
+    ) -> parquet::errors::Result<Option<parquet::column::page::Page>> {
+        if let Some(parquet::column::page::Page::DictionaryPage {
+            buf, num_values, ..
+        }) = &page
+        {
+            let room = buf.len() / self.min_value_bytes;
+            if *num_values as usize > room {
+                return Err(parquet::errors::ParquetError::General(format!(
+                    "column {}: its dictionary page claims {num_values} values but its {} bytes \
+                     hold at most {room}",
+                    self.column,
+                    buf.len()
+                )));
+            }
+        }
+        Ok(page)
+    }
+}
+
+impl Iterator for CheckedPages {
+    type Item = parquet::errors::Result<parquet::column::page::Page>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use parquet::column::page::PageReader;
+        self.get_next_page().transpose()
+    }
+}
+
+impl parquet::column::page::PageReader for CheckedPages {
+    fn get_next_page(&mut self) -> parquet::errors::Result<Option<parquet::column::page::Page>> {
+        let page = self.inner.get_next_page()?;
+        self.check(page)
+    }
+
+    fn peek_next_page(
+        &mut self,
+    ) -> parquet::errors::Result<Option<parquet::column::page::PageMetadata>> {
+        self.inner.peek_next_page()
+    }
+
+    fn skip_next_page(&mut self) -> parquet::errors::Result<()> {
+        self.inner.skip_next_page()
+    }
+
+    fn supports_deferred_dictionary(&self) -> bool {
+        self.inner.supports_deferred_dictionary()
+    }
+
+    fn take_deferred_dictionary(
+        &mut self,
+    ) -> parquet::errors::Result<Option<parquet::column::page::Page>> {
+        let page = self.inner.take_deferred_dictionary()?;
+        self.check(page)
     }
 }
 
