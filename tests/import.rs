@@ -352,5 +352,8 @@ fn a_dictionary_page_claiming_more_values_than_it_holds_is_refused() {
         }
     };
     assert!(msg.contains("dictionary page claims"), "{msg}");
-    assert!(msg.contains("dictionary-claims-billions-of-values.parquet"), "{msg}");
+    assert!(
+        msg.contains("dictionary-claims-billions-of-values.parquet"),
+        "{msg}"
+    );
 }

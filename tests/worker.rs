@@ -333,3 +333,92 @@ fn a_phased_run_trains_its_phases_in_order_and_asks_chained_instructions() {
         assert!((0.0..=1.0).contains(&done) && m.steps_tried >= 1);
     }
 }
+
+/// `moi-studio worker`, the studio's trainer process.
+fn worker_process() -> moi_studio::train::process::TrainerProcess {
+    moi_studio::train::process::TrainerProcess {
+        program: env!("CARGO_BIN_EXE_moi-studio").into(),
+        args: vec!["worker".into()],
+        env: Vec::new(),
+        memory_limit: None,
+    }
+}
+
+fn step_losses(events: &[TrainEvent]) -> Vec<(u64, f64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step(m) => Some((m.step, m.loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_in_the_trainer_process_trains_as_the_thread_does_and_takes_stop() {
+    use moi_studio::train::process::spawn_run_process;
+    let runs = tempfile::tempdir().unwrap();
+    let thread = spawn_run(spec(runs.path(), 4), Arc::new(|| {})).unwrap();
+    let on_thread = collect(&thread, None);
+    thread.join();
+    let process =
+        spawn_run_process(spec(runs.path(), 4), Arc::new(|| {}), &worker_process()).unwrap();
+    let run_dir = process.run_dir.clone();
+    let in_process = collect(&process, None);
+    process.join();
+    // The spec crossed whole: the same steps, the same losses, the same ending.
+    assert_eq!(in_process.last(), Some(&TrainEvent::Finished { step: 4 }));
+    let (a, b) = (step_losses(&on_thread), step_losses(&in_process));
+    assert_eq!(a.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(a.len(), b.len());
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-6, "step {s}: thread {x}, process {y}");
+    }
+    assert!(run_dir.join("model").is_dir() && run_dir.join("summary.json").is_file());
+
+    let process =
+        spawn_run_process(spec(runs.path(), 500), Arc::new(|| {}), &worker_process()).unwrap();
+    let events = collect(&process, Some(2));
+    process.join();
+    match events.last() {
+        Some(TrainEvent::Stopped { step }) => assert!((2..500).contains(step), "{step}"),
+        other => panic!("expected a stop, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_trainer_process_whose_studio_goes_away_stops_after_a_checkpoint() {
+    use moi_studio::train::worker::TrainHandle;
+    let runs = tempfile::tempdir().unwrap();
+    let handle = moi_studio::train::process::spawn_run_process(
+        spec(runs.path(), 500),
+        Arc::new(|| {}),
+        &worker_process(),
+    )
+    .unwrap();
+    let TrainHandle {
+        events,
+        commands,
+        run_dir,
+        ..
+    } = handle;
+    let mut commands = Some(commands);
+    let mut ending = None;
+    while let Ok(e) = events.recv() {
+        if matches!(e, TrainEvent::Step(_)) {
+            // What a studio that is killed or crashes leaves: the trainer's stdin closes.
+            commands.take();
+        }
+        if e.is_terminal() {
+            ending = Some(e);
+            break;
+        }
+    }
+    match ending {
+        Some(TrainEvent::Stopped { step }) => {
+            assert!(step < 500, "{step}");
+            assert!(run_dir.join(format!("checkpoint-{step}")).is_dir());
+        }
+        other => panic!("expected a stop, got {other:?}"),
+    }
+}

@@ -53,6 +53,10 @@ pub enum Command {
     Ablate(ablate::AblateArgs),
     /// Write the seeded synthetic MoI suite (general, math, code, tool use) and its project.
     Synth(synth::SynthArgs),
+    /// The studio's trainer process: a run spec and commands as JSON lines on stdin, events as
+    /// JSON lines on stdout (not for people; the studio starts it).
+    #[command(hide = true)]
+    Worker,
 }
 
 /// One line per command, for messages that tell a user what else they can do.
@@ -60,7 +64,7 @@ pub fn command_summary() -> String {
     use clap::CommandFactory;
     let cmd = Cli::command();
     let mut out = String::new();
-    for sub in cmd.get_subcommands() {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
         out.push_str(&format!("  moi-studio {:<8} {about}\n", sub.get_name()));
     }
@@ -81,6 +85,13 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         Command::ExportRecipe(args) => recipe::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Ablate(args) => ablate::run(args),
+        Command::Worker => {
+            crate::train::process::serve(
+                std::io::BufReader::new(std::io::stdin()),
+                std::io::stdout().lock(),
+            )?;
+            Ok(0)
+        }
     }
 }
 

@@ -345,7 +345,9 @@ impl EventSender {
             }
             other => {
                 self.flush()?;
-                self.tx.send(other).map_err(|_| ListenerGone)
+                self.tx.send(other).map_err(|_| ListenerGone)?;
+                (self.wake)();
+                Ok(())
             }
         }
     }

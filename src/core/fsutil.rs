@@ -12,7 +12,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     };
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".moi-")
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
         .suffix(".tmp")
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
@@ -32,6 +32,52 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// How the temporary files of [`write_atomic`] begin; the writer's process id follows, so a later
+/// process can tell what a killed writer left from what a running one is writing.
+pub const TEMP_PREFIX: &str = ".moi-";
+
+/// Removes from `dir` the temporary files of [`write_atomic`] whose writer is no longer running
+/// (killed mid-write); returns how many went. Files of running processes are left alone.
+pub fn remove_dead_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TEMP_PREFIX))
+            .filter(|_| name.to_string_lossy().ends_with(".tmp"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !process_running(pid) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether a process with this id exists (one that is gone but not yet waited for counts).
+fn process_running(pid: i32) -> bool {
+    if pid <= 0 {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
 }
 
 /// Writes a folder atomically: `fill` writes its files into a temporary folder beside `dir`,
@@ -182,6 +228,24 @@ pub fn normalize(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_temporary_files_of_writers_that_are_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir
+            .path()
+            .join(format!(".moi-{}-abc.tmp", std::process::id()));
+        // Above any pid Linux hands out (at most 2^22).
+        let dead = dir.path().join(".moi-999999999-abc.tmp");
+        let other = dir.path().join(".moi-notes.txt");
+        for p in [&ours, &dead, &other] {
+            std::fs::write(p, "x").unwrap();
+        }
+        write_atomic(&dir.path().join("p.toml"), b"whole").unwrap();
+        assert_eq!(remove_dead_temps(dir.path()), 1);
+        assert!(ours.exists() && other.exists() && !dead.exists());
+        assert_eq!(std::fs::read(dir.path().join("p.toml")).unwrap(), b"whole");
+    }
 
     #[test]
     fn leading_parent_folders_are_kept() {

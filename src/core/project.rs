@@ -271,6 +271,8 @@ impl Project {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
+        // What a save killed midway left beside the file (the file itself is whole).
+        crate::core::fsutil::remove_dead_temps(&project.base_dir);
         Ok(project)
     }
 

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod phased;
+pub mod process;
 pub mod recipe;
 pub mod score;
 pub mod tiny;

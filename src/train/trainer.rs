@@ -428,6 +428,14 @@ pub fn train(
     let fault_nan_at = std::env::var("MOI_TEST_NAN_AT_STEP")
         .ok()
         .and_then(|s| s.parse::<u64>().ok());
+    // Another test hook: `STEP:BYTES` makes that step ask for BYTES more memory, so the
+    // memory-limit test can see a trainer process run out of memory mid-run.
+    let fault_alloc_at = std::env::var("MOI_TEST_ALLOCATE_AT_STEP")
+        .ok()
+        .and_then(|s| {
+            let (step, bytes) = s.split_once(':')?;
+            Some((step.parse::<u64>().ok()?, bytes.parse::<usize>().ok()?))
+        });
     let mut plan: PackPlan = job.pack_epoch(state.phase, state.epoch);
     let phases = job.phases.map_or(1, |p| p.parts.len() as u32);
     let phase_records = |p: u32| -> u64 {
@@ -548,6 +556,12 @@ pub fn train(
             state.epoch += 1;
             state.row = 0;
             plan = job.pack_epoch(state.phase, state.epoch);
+        }
+        if let Some((at, bytes)) = fault_alloc_at
+            && at == state.step + 1
+        {
+            let held = vec![0u8; bytes];
+            std::hint::black_box(&held);
         }
         if fault_nan_at == Some(state.step + 1) {
             for (_, var) in job.weights {

@@ -157,6 +157,22 @@ pub struct TrainHandle {
 }
 
 impl TrainHandle {
+    pub(crate) fn new(
+        events: Receiver<TrainEvent>,
+        commands: Sender<TrainCommand>,
+        stop: Arc<AtomicBool>,
+        run_dir: PathBuf,
+        thread: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            events,
+            commands,
+            stop,
+            run_dir,
+            thread: Some(thread),
+        }
+    }
+
     /// Waits for the worker thread to end.
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
@@ -175,13 +191,19 @@ fn run_id() -> String {
     )
 }
 
+/// The folder `spec` runs in: the one it resumes, or a new one in its runs folder (named by
+/// `spec.name`, or by the time and a random part).
+pub(crate) fn run_dir_of(spec: &RunSpec) -> PathBuf {
+    match &spec.resume {
+        Some(dir) => dir.clone(),
+        None => spec.runs_dir.join(spec.name.clone().unwrap_or_else(run_id)),
+    }
+}
+
 /// Starts a run on a named thread. Events go to the returned handle (bounded channel, steps
 /// merged rather than dropped when the listener is slow) and to `metrics.jsonl`.
 pub fn spawn_run(spec: RunSpec, wake: Wake) -> anyhow::Result<TrainHandle> {
-    let run_dir = match &spec.resume {
-        Some(dir) => dir.clone(),
-        None => spec.runs_dir.join(spec.name.clone().unwrap_or_else(run_id)),
-    };
+    let run_dir = run_dir_of(&spec);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (mut events, rx) = event_channel(256, wake);
     let (cmd_tx, cmd_rx) = bounded(16);

@@ -195,6 +195,8 @@ pub struct StudioApp {
     pub(crate) load_generation: u64,
     pub(crate) preview: PreviewState,
     pub(crate) train: Option<TrainState>,
+    /// The process training runs in; None trains on a thread of this process (the tests' way).
+    pub trainer_process: Option<crate::train::process::TrainerProcess>,
     pub(crate) history: RunHistory,
     pub(crate) experiments: crate::ui::experiments_tab::ExperimentsState,
     pub(crate) model: ModelPick,
@@ -258,6 +260,7 @@ impl StudioApp {
             load_generation: 0,
             preview: PreviewState::default(),
             train: None,
+            trainer_process: None,
             history: RunHistory::default(),
             experiments: Default::default(),
             model: ModelPick::Tiny,

@@ -240,7 +240,11 @@ impl StudioApp {
         // The window repaints on a timer while training (see the shell); steps wake it at most
         // as often as that timer.
         let wake = crate::core::events::rate_limited(self.wake.clone(), LIVE_WAKE_GAP);
-        match crate::train::worker::spawn_run(spec, wake) {
+        let spawned = match &self.trainer_process {
+            Some(process) => crate::train::process::spawn_run_process(spec, wake, process),
+            None => crate::train::worker::spawn_run(spec, wake),
+        };
+        match spawned {
             Ok(handle) => {
                 self.history = RunHistory::default();
                 self.status = format!("training in {}", handle.run_dir.display());

@@ -77,6 +77,9 @@ pub fn run_studio(project: Option<PathBuf>, fallback: PathBuf) -> anyhow::Result
                 })
                 .unwrap_or(fallback);
             let mut app = StudioApp::open(path, wake);
+            // Runs train in a child process, so running out of memory ends the run, not the
+            // window (a thread stays the fallback when this program cannot be found).
+            app.trainer_process = crate::train::process::TrainerProcess::this_program().ok();
             if let Some(r) = remembered {
                 app.remember(r.recent, r.tab);
             }

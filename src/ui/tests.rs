@@ -778,3 +778,120 @@ fn a_dataset_changed_or_deleted_while_open_gives_a_message_and_offers_re_import(
     assert!(error.contains("facts.jsonl"), "{error}");
     h.run_steps(2);
 }
+
+/// The trainer process of the memory-limit test: this test binary, run again, serves a run on
+/// stdin and stdout as `moi-studio worker` does.
+#[test]
+#[ignore = "the memory-limit test runs it as its trainer process"]
+fn trainer_child() {
+    if std::env::var_os("MOI_TRAINER_CHILD").is_none() {
+        return;
+    }
+    crate::train::process::serve(
+        std::io::BufReader::new(std::io::stdin()),
+        std::io::stdout().lock(),
+    )
+    .unwrap();
+}
+
+/// This test binary as the studio's trainer process, under a 4 GiB address-space limit.
+fn child_trainer(env: &[(&str, &str)]) -> crate::train::process::TrainerProcess {
+    const LIMIT: u64 = 4 << 30;
+    let mut vars = vec![("MOI_TRAINER_CHILD", "1"), ("MALLOC_ARENA_MAX", "2")];
+    vars.extend_from_slice(env);
+    crate::train::process::TrainerProcess {
+        program: std::env::current_exe().unwrap(),
+        args: [
+            "--exact",
+            "ui::tests::trainer_child",
+            "--ignored",
+            "--nocapture",
+        ]
+        .map(Into::into)
+        .to_vec(),
+        env: vars.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        memory_limit: Some(LIMIT),
+    }
+}
+
+#[test]
+fn a_trainer_out_of_memory_fails_its_run_with_a_message_while_the_studio_stays_up_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let mut project = Project::load(&path).unwrap();
+    project.training.checkpoint_every = 4;
+    project.save(&path).unwrap();
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    // An edit not saved yet: it must outlive the trainer's death.
+    h.state_mut().project.default_system_prompt = "You are a careful assistant.".into();
+    // Step 6 asks for 8 GiB more, past the trainer's 4 GiB limit: the allocation fails and the
+    // trainer process aborts, as it would when the machine's memory runs out.
+    h.state_mut().trainer_process = Some(child_trainer(&[(
+        "MOI_TEST_ALLOCATE_AT_STEP",
+        "6:8589934592",
+    )]));
+    h.state_mut().set_tab(Tab::Train);
+    h.state_mut().steps_override = Some(12);
+    h.run_steps(1);
+    h.get_by_label("Start").click();
+    h.run_steps(1);
+    assert!(h.state().is_training(), "{}", h.state().status);
+    wait_until(&mut h, &wake, "the run's end", |a| {
+        a.history().ending.is_some() && !a.is_training()
+    });
+    let Some(TrainEvent::Failed { error }) = h.state().history().ending.clone() else {
+        panic!("expected a failure, got {:?}", h.state().history().ending);
+    };
+    for part in [
+        "aborted (SIGABRT) after step 5",
+        "ran out of memory",
+        "memory allocation of 8589934592 bytes failed",
+        "limit of 4.0 GiB",
+        "checkpoint-4 (step 4)",
+    ] {
+        assert!(error.contains(part), "{part:?} not in {error:?}");
+    }
+    // The window is up and says so; the unsaved edit is still there.
+    h.run_steps(2);
+    assert!(h.query_all_by_label_contains("ran out of memory").count() >= 1);
+    assert_eq!(
+        h.state().project.default_system_prompt,
+        "You are a careful assistant."
+    );
+    let run = h.state().run_dir().unwrap().to_path_buf();
+    assert_eq!(
+        step_losses(&run).iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>()
+    );
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: TrainEvent = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last, TrainEvent::Failed { error });
+
+    // The Runs tab offers Resume; without the fault the run goes on from step 4 to the end,
+    // under the same limit.
+    h.state_mut().trainer_process = Some(child_trainer(&[]));
+    h.state_mut().set_tab(Tab::Runs);
+    h.run_steps(2);
+    let row = h
+        .state()
+        .runs
+        .iter()
+        .filter(|r| r.resumable)
+        .position(|r| r.dir == run)
+        .expect("the failed run is resumable");
+    h.query_all_by_label("Resume").nth(row).unwrap().click();
+    h.run_steps(1);
+    assert!(h.state().is_training(), "{}", h.state().status);
+    wait_until(&mut h, &wake, "the resumed run's end", |a| {
+        a.history().ending.is_some() && !a.is_training()
+    });
+    assert_eq!(
+        h.state().history().ending,
+        Some(TrainEvent::Finished { step: 12 })
+    );
+    assert_eq!(
+        step_losses(&run).iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+}

@@ -369,7 +369,8 @@ impl ParquetSource {
         let opened = guarded(|| {
             let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)?;
             let total_rows = reader.metadata().file_metadata().num_rows().max(0) as u64;
-            let rows = parquet::record::reader::RowIter::from_file_into(Box::new(CheckedFile(reader)));
+            let rows =
+                parquet::record::reader::RowIter::from_file_into(Box::new(CheckedFile(reader)));
             Ok::<_, parquet::errors::ParquetError>((rows, total_rows))
         });
         let (rows, total_rows) = match opened {
