@@ -175,6 +175,9 @@ pub struct RunEntry {
     /// Whether it did not finish (stopped, failed, or cut off) and has a checkpoint to go on
     /// from (its checksums are checked when it resumes).
     pub resumable: bool,
+    /// Why it failed, when its last recorded event is a failure and it wrote no summary (a
+    /// trainer process that died, a NaN, a full disk).
+    pub failure: Option<String>,
 }
 
 /// Cuts a run's `metrics.jsonl` back to what it held when the checkpoint of `step` was written:
@@ -203,6 +206,23 @@ pub fn cut_metrics(path: &Path, step: u64) -> std::io::Result<usize> {
     Ok(0)
 }
 
+/// The error of a `metrics.jsonl` whose last event is a failure (only its end is read).
+fn last_failure(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    match serde_json::from_str::<crate::core::events::TrainEvent>(last).ok()? {
+        crate::core::events::TrainEvent::Failed { error } => Some(error),
+        _ => None,
+    }
+}
+
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     std::fs::read_to_string(path)
         .ok()
@@ -227,6 +247,7 @@ pub fn list_runs(runs_dir: &Path) -> Vec<RunEntry> {
             info: read_json(&dir.join("run.json")),
             has_model: dir.join("model").is_dir(),
             resumable: false,
+            failure: None,
             dir,
         })
         .collect();
@@ -238,6 +259,9 @@ pub fn list_runs(runs_dir: &Path) -> Vec<RunEntry> {
             .and_then(serde_json::Value::as_str)
             == Some("finished");
         run.resumable = !finished && has_checkpoint(&run.dir);
+        if run.summary.is_none() {
+            run.failure = last_failure(&run.dir.join("metrics.jsonl"));
+        }
     }
     runs.sort_by(|a, b| b.id.cmp(&a.id));
     runs

@@ -345,9 +345,9 @@ fn death_message(
     use std::os::unix::process::ExitStatusExt;
     let how = match (status.signal(), status.code()) {
         (Some(libc::SIGABRT), _) => "aborted (SIGABRT)".to_string(),
-        (Some(libc::SIGKILL), _) => "killed (SIGKILL)".to_string(),
+        (Some(libc::SIGKILL), _) => "was killed (SIGKILL)".to_string(),
         (Some(libc::SIGSEGV), _) => "crashed (SIGSEGV)".to_string(),
-        (Some(n), _) => format!("ended by signal {n}"),
+        (Some(n), _) => format!("was ended by signal {n}"),
         (None, Some(code)) => format!("exited with status {code} without a last event"),
         (None, None) => "ended".to_string(),
     };
@@ -368,7 +368,9 @@ fn death_message(
             line.trim()
         ),
         (None, _) if status.signal() == Some(libc::SIGKILL) => {
-            ": the kernel's out-of-memory killer does this when memory runs out".to_string()
+            ": when memory runs out, the kernel's out-of-memory killer does this (or another \
+             program did)"
+                .to_string()
         }
         (None, _) => match stderr.last() {
             Some(line) => format!(": {}", line.trim().trim_end_matches('.')),

@@ -138,11 +138,18 @@ impl StudioApp {
                             summary_text(s, "steps"),
                             summary_text(s, "total_steps")
                         ));
-                        ui.label(if run.summary.is_some() {
-                            summary_text(s, "ending")
-                        } else {
-                            "running or cut off".to_string()
-                        });
+                        match (&run.summary, &run.failure) {
+                            (Some(_), _) => {
+                                ui.label(summary_text(s, "ending"));
+                            }
+                            (None, Some(error)) => {
+                                ui.colored_label(ui.visuals().error_fg_color, "failed")
+                                    .on_hover_text(error);
+                            }
+                            (None, None) => {
+                                ui.label("running or cut off");
+                            }
+                        }
                         ui.label(summary_text(run.summary.as_ref(), "final_loss"));
                         ui.label(summary_text(s, "best_eval_loss"));
                         ui.horizontal(|ui| {

@@ -880,6 +880,16 @@ fn a_trainer_out_of_memory_fails_its_run_with_a_message_while_the_studio_stays_u
         .filter(|r| r.resumable)
         .position(|r| r.dir == run)
         .expect("the failed run is resumable");
+    let listed = h.state().runs.iter().find(|r| r.dir == run).unwrap();
+    assert!(
+        listed
+            .failure
+            .as_ref()
+            .is_some_and(|e| e.contains("ran out of memory")),
+        "{:?}",
+        listed.failure
+    );
+    assert!(h.query_all_by_label("failed").count() >= 1);
     h.query_all_by_label("Resume").nth(row).unwrap().click();
     h.run_steps(1);
     assert!(h.state().is_training(), "{}", h.state().status);
