@@ -100,6 +100,8 @@ pub struct PreviewState {
     pub error: Option<String>,
     /// Says so when the model's context cut the rows.
     pub context_note: Option<String>,
+    /// The model of the last preview and the longest sequence it reads.
+    pub model_context: Option<(crate::train::worker::ModelChoice, usize)>,
     /// How long the last one took.
     pub took: Duration,
     /// The pack browser's row.

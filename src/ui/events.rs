@@ -84,6 +84,9 @@ impl StudioApp {
             self.preview.plan = r.plan;
             self.preview.pack = r.pack;
             self.preview.context_note = r.context_note;
+            if r.model_context.is_some() {
+                self.preview.model_context = r.model_context;
+            }
             self.preview.chips = None;
             if let Some(plan) = &self.preview.plan {
                 self.preview.row = self.preview.row.min(plan.rows.len().saturating_sub(1));
@@ -201,7 +204,19 @@ impl StudioApp {
             self.status = "an ablation is running; stop it before training".to_string();
             return;
         }
-        let refused = self.project.training.refusals();
+        let mut refused = self.start_refusals();
+        if self.chosen_model_context().is_none() {
+            // No preview for this model yet: read its context now (a config file or a GGUF
+            // header) so a row length it cannot read never reaches the worker.
+            let len = self.project.packing.max_seq_len;
+            if let Ok(context) = crate::train::worker::model_context(&self.model.choice())
+                && len > context
+            {
+                refused.push(format!(
+                    "the row length {len} is above the {context} tokens the model reads"
+                ));
+            }
+        }
         if !refused.is_empty() {
             self.status = format!("not started: {}", refused.join("; "));
             return;
@@ -210,6 +225,37 @@ impl StudioApp {
             crate::train::worker::RunSpec::new(self.project.clone(), self.model.choice());
         spec.max_steps = self.steps_override;
         self.launch(spec);
+    }
+
+    /// The longest sequence the chosen model reads, as the last preview found it (None until a
+    /// preview for this model has run).
+    pub(crate) fn chosen_model_context(&self) -> Option<usize> {
+        let choice = self.model.choice();
+        match &self.preview.model_context {
+            Some((model, context)) if *model == choice => Some(*context),
+            _ => None,
+        }
+    }
+
+    /// Why the row length cannot be trained with the chosen model, when it cannot.
+    pub(crate) fn row_length_refusal(&self) -> Option<String> {
+        let context = self.chosen_model_context()?;
+        let len = self.project.packing.max_seq_len;
+        (len > context)
+            .then(|| format!("the row length {len} is above the {context} tokens the model reads"))
+    }
+
+    /// Every reason the current settings cannot start a run (empty when they can).
+    pub(crate) fn start_refusals(&self) -> Vec<String> {
+        let mut refused: Vec<String> = self
+            .project
+            .training
+            .refusals()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        refused.extend(self.row_length_refusal());
+        refused
     }
 
     /// Continues a stopped, failed or cut-off run from its newest good checkpoint, with the

@@ -115,6 +115,8 @@ pub struct PreviewResult {
     pub pack: crate::core::packing::PackSettings,
     /// Says so when the model's context cut the rows (or could not be read).
     pub context_note: Option<String>,
+    /// The model this preview was for and the longest sequence it reads, when known.
+    pub model_context: Option<(crate::train::worker::ModelChoice, usize)>,
     /// How long it took.
     pub took: Duration,
 }
@@ -134,7 +136,9 @@ pub fn start_preview(
         let started = Instant::now();
         // Rows as the trainer will pack them for this model.
         let mut pack = project.packing.clone();
-        let context_note = match crate::train::worker::model_context(&model) {
+        let context = crate::train::worker::model_context(&model);
+        let model_context = context.as_ref().ok().map(|&c| (model.clone(), c));
+        let context_note = match context {
             Ok(context) => pack.fit_context(context),
             Err(e) => Some(format!(
                 "rows not fitted to the model: cannot read its context ({e:#})"
@@ -184,6 +188,7 @@ pub fn start_preview(
             pack_error: None,
             pack: pack.clone(),
             context_note,
+            model_context,
             took: Duration::ZERO,
         };
         if let Ok(b) = &result.bundle {

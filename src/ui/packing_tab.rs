@@ -123,6 +123,8 @@ impl StudioApp {
     }
 
     fn packing_settings(&mut self, ui: &mut egui::Ui) {
+        let too_long = self.row_length_refusal();
+        let context = self.chosen_model_context();
         let pack = &mut self.project.packing;
         ui.horizontal_wrapped(|ui| {
             let l = ui.label("Mode");
@@ -147,6 +149,13 @@ impl StudioApp {
                     .speed(16),
             )
             .labelled_by(l.id);
+            // Kept as typed and refused here (Start stays off), with the way out offered.
+            if let (Some(why), Some(context)) = (&too_long, context) {
+                ui.colored_label(ui.visuals().error_fg_color, why);
+                if ui.button(format!("Use {context}")).clicked() {
+                    pack.max_seq_len = context;
+                }
+            }
             let l = ui.label("Chunk size");
             ui.add(egui::DragValue::new(&mut pack.chunk_size).range(0..=64))
                 .on_hover_text("Instructions per MoI chunk; 0 = one per task")

@@ -714,6 +714,49 @@ fn bad_training_settings_are_refused_at_their_field_and_never_start_a_run() {
     assert!(!start_disabled(&h));
 }
 
+#[test]
+fn a_row_length_above_the_models_context_is_refused_at_its_field_with_a_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    h.state_mut().set_tab(Tab::Packing);
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::SpinButton, "Max sequence length")
+        .click();
+    h.run_steps(1);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_role_and_label(Role::SpinButton, "Max sequence length")
+        .type_text("1024");
+    h.key_press(egui::Key::Enter);
+    h.run_steps(2);
+    assert_eq!(h.state().project.packing.max_seq_len, 1024, "kept as typed");
+    wait_until(&mut h, &wake, "the preview", |a| {
+        settled(a) && a.preview.model_context.is_some()
+    });
+    let why = "the row length 1024 is above the 512 tokens the model reads";
+    assert_eq!(h.query_all_by_label(why).count(), 1);
+    h.state_mut().set_tab(Tab::Train);
+    h.run_steps(2);
+    assert!(start_disabled(&h));
+    // Refused whatever calls it, also before any preview has read the model's context.
+    let known = h.state_mut().preview.model_context.take();
+    h.state_mut().start_training();
+    assert!(!h.state().is_training());
+    assert!(h.state().status.contains(why), "{}", h.state().status);
+    h.state_mut().preview.model_context = known;
+    // The way out: one click sets what the model reads.
+    h.state_mut().set_tab(Tab::Packing);
+    h.run_steps(2);
+    h.get_by_label("Use 512").click();
+    h.run_steps(2);
+    assert_eq!(h.state().project.packing.max_seq_len, 512);
+    assert_eq!(h.query_all_by_label(why).count(), 0);
+    h.state_mut().set_tab(Tab::Train);
+    h.run_steps(2);
+    assert!(!start_disabled(&h));
+}
+
 fn start_disabled(h: &Harness<'static, StudioApp>) -> bool {
     use egui_kittest::kittest::NodeT;
     h.get_by_label("Start").accesskit_node().is_disabled()

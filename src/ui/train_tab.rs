@@ -379,7 +379,7 @@ impl StudioApp {
         let training = self.is_training();
         let paused = self.train.as_ref().is_some_and(|t| t.paused);
         ui.horizontal(|ui| {
-            let refused = self.project.training.refusals();
+            let refused = self.start_refusals();
             if ui
                 .add_enabled(
                     !training && !self.project.tasks.is_empty() && refused.is_empty(),
