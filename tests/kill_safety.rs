@@ -326,8 +326,9 @@ fn kill_repeatedly(kind: &str) -> (usize, u64) {
         }
         mid_write += usize::from(left_mid_write(kind, dir.path()));
         let now = version_on_disk(kind, dir.path());
-        if kind == "project" {
-            // Opening the project removed what the killed save left.
+        if kind == "project" && dir.path().join("project.moi.toml").exists() {
+            // Opening the project removed what the killed save left (before the first save
+            // there is no project to open).
             let left: Vec<_> = std::fs::read_dir(dir.path())
                 .unwrap()
                 .flatten()
