@@ -660,13 +660,7 @@ fn bad_training_settings_are_refused_at_their_field_and_never_start_a_run() {
     h.run_steps(2);
     assert!(!start_disabled(&h));
     // A negative learning rate typed into its field.
-    h.get_by_role_and_label(Role::SpinButton, "Learning rate")
-        .click();
-    h.run_steps(1);
-    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-    h.get_by_role_and_label(Role::SpinButton, "Learning rate")
-        .type_text("-0.01");
-    h.key_press(egui::Key::Enter);
+    type_into(&mut h, "Learning rate", "-0.01");
     h.run_steps(2);
     assert!(
         h.state().project.training.lr < 0.0,
@@ -680,13 +674,7 @@ fn bad_training_settings_are_refused_at_their_field_and_never_start_a_run() {
     assert!(start_disabled(&h));
     // Zero rows per batch, likewise.
     h.state_mut().project.training.lr = 1e-3;
-    h.get_by_role_and_label(Role::SpinButton, "Rows per batch")
-        .click();
-    h.run_steps(1);
-    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-    h.get_by_role_and_label(Role::SpinButton, "Rows per batch")
-        .type_text("0");
-    h.key_press(egui::Key::Enter);
+    type_into(&mut h, "Rows per batch", "0");
     h.run_steps(2);
     assert_eq!(h.state().project.training.batch_rows, 0);
     assert!(
@@ -722,13 +710,7 @@ fn a_row_length_above_the_models_context_is_refused_at_its_field_with_a_way_out(
     wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
     h.state_mut().set_tab(Tab::Packing);
     h.run_steps(2);
-    h.get_by_role_and_label(Role::SpinButton, "Max sequence length")
-        .click();
-    h.run_steps(1);
-    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-    h.get_by_role_and_label(Role::SpinButton, "Max sequence length")
-        .type_text("1024");
-    h.key_press(egui::Key::Enter);
+    type_into(&mut h, "Max sequence length", "1024");
     h.run_steps(2);
     assert_eq!(h.state().project.packing.max_seq_len, 1024, "kept as typed");
     wait_until(&mut h, &wake, "the preview", |a| {
@@ -755,6 +737,16 @@ fn a_row_length_above_the_models_context_is_refused_at_its_field_with_a_way_out(
     h.state_mut().set_tab(Tab::Train);
     h.run_steps(2);
     assert!(!start_disabled(&h));
+}
+
+/// Types `text` over the value of the number field labelled `label`, then Enter.
+fn type_into(h: &mut Harness<'static, StudioApp>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::SpinButton, label).click();
+    h.run_steps(1);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_role_and_label(Role::SpinButton, label)
+        .type_text(text);
+    h.key_press(egui::Key::Enter);
 }
 
 fn start_disabled(h: &Harness<'static, StudioApp>) -> bool {
