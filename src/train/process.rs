@@ -124,11 +124,6 @@ pub fn serve(
     let wire: WireSpec = serde_json::from_str(&line).context("reading the run spec")?;
     let handle = spawn_run(wire.into_spec()?, Arc::new(|| {}))?;
     let (stop, commands) = (handle.stop.clone(), handle.commands.clone());
-    let stop_on_end = stop.clone();
-    let stop_when_gone = move || {
-        stop_on_end.store(true, Ordering::SeqCst);
-    };
-    let gone = stop_when_gone.clone();
     std::thread::Builder::new()
         .name("trainer-commands".to_string())
         .spawn(move || {
@@ -144,7 +139,8 @@ pub fn serve(
                     return;
                 }
             }
-            gone();
+            // The studio is gone: stop after a checkpoint.
+            stop.store(true, Ordering::SeqCst);
             let _ = commands.try_send(TrainCommand::Stop);
         })
         .context("starting the command reader")?;
@@ -159,7 +155,7 @@ pub fn serve(
             if written.is_err() {
                 // Keep training to a checkpoint; the events are still in metrics.jsonl.
                 listener_gone = true;
-                stop_when_gone();
+                handle.stop.store(true, Ordering::SeqCst);
             }
         }
         if end {
@@ -312,6 +308,8 @@ pub fn spawn_run_process(
             let _ = events.replay(failed);
         })
         .context("starting the trainer's event reader")?;
+    // Stop reaches the child as a command (callers send it with the flag set); nothing here
+    // reads the flag.
     Ok(TrainHandle::new(
         rx,
         cmd_tx,
@@ -399,10 +397,9 @@ fn death_message(
 /// Appends one event to a run's `metrics.jsonl`, first cutting a last line the dead child left
 /// half written.
 fn append_event(path: &Path, event: &TrainEvent) -> std::io::Result<()> {
-    let mut text = std::fs::read(path).unwrap_or_default();
+    let text = std::fs::read(path).unwrap_or_default();
     if !text.is_empty() && !text.ends_with(b"\n") {
         let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        text.truncate(keep);
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
         file.set_len(keep as u64)?;
     }

@@ -208,13 +208,8 @@ impl StudioApp {
         if self.chosen_model_context().is_none() {
             // No preview for this model yet: read its context now (a config file or a GGUF
             // header) so a row length it cannot read never reaches the worker.
-            let len = self.project.packing.max_seq_len;
-            if let Ok(context) = crate::train::worker::model_context(&self.model.choice())
-                && len > context
-            {
-                refused.push(format!(
-                    "the row length {len} is above the {context} tokens the model reads"
-                ));
+            if let Ok(context) = crate::train::worker::model_context(&self.model.choice()) {
+                refused.extend(self.row_length_problem(context));
             }
         }
         if !refused.is_empty() {
@@ -239,7 +234,11 @@ impl StudioApp {
 
     /// Why the row length cannot be trained with the chosen model, when it cannot.
     pub(crate) fn row_length_refusal(&self) -> Option<String> {
-        let context = self.chosen_model_context()?;
+        self.row_length_problem(self.chosen_model_context()?)
+    }
+
+    /// Why the row length cannot be trained with a model that reads `context` tokens.
+    fn row_length_problem(&self, context: usize) -> Option<String> {
         let len = self.project.packing.max_seq_len;
         (len > context)
             .then(|| format!("the row length {len} is above the {context} tokens the model reads"))
