@@ -221,14 +221,33 @@ impl AttnDims {
 struct SegmentAttention {
     segments: Arc<Vec<u32>>,
     scale: f32,
+    /// Rows, tokens per row and head size when `q`, `k` and `v` come flat, `[b·t, heads·d]`.
+    flat: Option<(usize, usize, usize)>,
     /// Log-sum-exp of every query's scores `[b, heads, t]`, saved by the forward pass.
     lse: Mutex<Vec<f32>>,
 }
 
 impl SegmentAttention {
+    /// `[b, t, heads, d]` of `x`, given as it is or flat.
+    fn split(&self, x: &Layout) -> Result<(usize, usize, usize, usize)> {
+        match self.flat {
+            None => x.shape().dims4(),
+            Some((b, t, d)) => {
+                let (m, cols) = x.shape().dims2()?;
+                if m != b * t || d == 0 || cols % d != 0 {
+                    bail!(
+                        "attention: {:?} is not {b} × {t} tokens of {d}-wide heads",
+                        x.shape()
+                    );
+                }
+                Ok((b, t, cols / d, d))
+            }
+        }
+    }
+
     fn dims(&self, q: &Layout, k: &Layout) -> Result<AttnDims> {
-        let (b, t, heads, d) = q.shape().dims4()?;
-        let (kb, kt, kv_heads, kd) = k.shape().dims4()?;
+        let (b, t, heads, d) = self.split(q)?;
+        let (kb, kt, kv_heads, kd) = self.split(k)?;
         if (kb, kt, kd) != (b, t, d) || kv_heads == 0 || heads % kv_heads != 0 {
             bail!(
                 "attention: q {:?} and k {:?} do not match",
@@ -581,9 +600,35 @@ impl SegmentAttention {
 /// `[b, t, heads, d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Arc<Vec<u32>>) -> Result<Tensor> {
     let d = q.dim(3)?;
+    attend(q, k, v, segments, d, None)
+}
+
+/// [`attention`] of `q` `[b·t, heads·d]` over `k`, `v` `[b·t, kv_heads·d]` — the same memory as
+/// the four-dimensional form, without reshapes for the backward pass to carry — for `rows`
+/// (`b`, `t`) and head size `d`. Returns `[b·t, heads·d]`.
+pub fn attention_flat(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Arc<Vec<u32>>,
+    rows: (usize, usize),
+    d: usize,
+) -> Result<Tensor> {
+    attend(q, k, v, segments, d, Some((rows.0, rows.1, d)))
+}
+
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Arc<Vec<u32>>,
+    d: usize,
+    flat: Option<(usize, usize, usize)>,
+) -> Result<Tensor> {
     let op = SegmentAttention {
         segments,
         scale: 1.0 / (d as f32).sqrt(),
+        flat,
         lse: Mutex::new(Vec::new()),
     };
     q.contiguous()?
@@ -738,6 +783,20 @@ impl RopeTables {
 }
 
 impl RopeOp {
+    /// Heads per token of `[b, t, heads, d]`, or of `[b·t, heads·d]`.
+    fn heads(&self, shape: &Shape) -> Result<usize> {
+        let d = 2 * self.tables.half;
+        let (tokens, heads, width) = match shape.dims() {
+            &[b, t, heads, width] => (b * t, heads, width),
+            &[m, cols] if d > 0 && cols % d == 0 => (m, cols / d, d),
+            _ => (0, 0, 0),
+        };
+        if width != d || self.positions.len() != tokens {
+            bail!("rope: input {shape:?} does not match the tables");
+        }
+        Ok(heads)
+    }
+
     /// Rotates each head of `src` into `dst` by `sign · angle`.
     fn rotate(&self, src: &[f32], dst: &mut [f32], heads: usize, sign: f32) -> Result<()> {
         let half = self.tables.half;
@@ -773,17 +832,14 @@ impl CustomOp1 for RopeOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = data(storage, layout)?;
-        let (b, t, heads, d) = layout.shape().dims4()?;
-        if d != 2 * self.tables.half || self.positions.len() != b * t {
-            bail!("rope: input {:?} does not match the tables", layout.shape());
-        }
+        let heads = self.heads(layout.shape())?;
         let mut y = vec![0f32; x.len()];
         self.rotate(x, &mut y, heads, 1.0)?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let heads = arg.dim(2)?;
+        let heads = self.heads(arg.shape())?;
         let dx = with_data(grad, |g| {
             let mut dx = vec![0f32; g.len()];
             self.rotate(g, &mut dx, heads, -1.0)?;
@@ -793,7 +849,8 @@ impl CustomOp1 for RopeOp {
     }
 }
 
-/// Rotary embedding of `x` `[b, t, heads, d]` at `positions` (`b × t`) with `tables`.
+/// Rotary embedding of `x` `[b, t, heads, d]` (or flat, `[b·t, heads·d]`) at `positions`
+/// (`b × t`) with `tables`.
 pub fn rope(x: &Tensor, positions: Arc<Vec<u32>>, tables: Arc<RopeTables>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(RopeOp { positions, tables })
 }
@@ -1381,6 +1438,262 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenLinear { weight })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Trained projections
+
+/// `x · Wᵀ` for a weight that is trained: both gradients come out of two products straight into
+/// their own layouts (no transposed weight view for candle to accumulate through).
+struct TrainedLinear;
+
+impl CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (data(xs, xl)?, data(ws, wl)?);
+        let (m, in_dim) = xl.shape().dims2()?;
+        let (out_dim, w_in) = wl.shape().dims2()?;
+        if w_in != in_dim {
+            bail!(
+                "linear: input {:?} for a weight {:?}",
+                xl.shape(),
+                wl.shape()
+            );
+        }
+        let mut y = vec![0f32; m * out_dim];
+        // SAFETY: x is m×in, w is out×in (read transposed), y is m×out.
+        unsafe { matmul_par((m, out_dim, in_dim), &mut y, false, x, false, w, true, 1.0) };
+        Ok((CpuStorage::F32(y), Shape::from((m, out_dim))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, in_dim) = x.dims2()?;
+        let out_dim = w.dim(0)?;
+        let (dx, dw) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(grad, |dy| {
+                    let mut dx = vec![0f32; m * in_dim];
+                    let mut dw = vec![0f32; out_dim * in_dim];
+                    // SAFETY: dy is m×out, w out×in, x m×in.
+                    unsafe {
+                        matmul_par(
+                            (m, in_dim, out_dim),
+                            &mut dx,
+                            false,
+                            dy,
+                            false,
+                            w,
+                            false,
+                            1.0,
+                        );
+                        matmul_par(
+                            (out_dim, in_dim, m),
+                            &mut dw,
+                            false,
+                            dy,
+                            true,
+                            x,
+                            false,
+                            1.0,
+                        );
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor_like(dx, x.shape(), x)?),
+            Some(tensor_like(dw, w.shape(), w)?),
+        ))
+    }
+}
+
+/// `x · Wᵀ` for `x` `[m, in]` and a trained weight `[out, in]` (f32, CPU).
+pub fn trained_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, TrainedLinear)
+}
+
+/// The MLP's first half in one op: `silu(x · Gᵀ) · (x · Uᵀ)`. The two projections are kept
+/// for the backward pass inside the op (the same memory the composite graph holds as the
+/// SwiGLU's inputs), so no gate-, up- or input-sized gradient passes through candle's
+/// accumulation; the weights' gradients are computed only when they are trained.
+struct GatedUp {
+    train_weights: bool,
+    /// `x · Gᵀ` and `x · Uᵀ` from the forward pass, taken by the backward one.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    keep: bool,
+}
+
+impl GatedUp {
+    fn dims(x: &Layout, g: &Layout, u: &Layout) -> Result<(usize, usize, usize)> {
+        let (m, hid) = x.shape().dims2()?;
+        let (inter, g_in) = g.shape().dims2()?;
+        if g_in != hid || u.shape().dims() != [inter, hid] {
+            bail!(
+                "gated up: x {:?}, gate {:?}, up {:?}",
+                x.shape(),
+                g.shape(),
+                u.shape()
+            );
+        }
+        Ok((m, hid, inter))
+    }
+
+    /// `x · Gᵀ` and `x · Uᵀ`.
+    fn project(
+        x: &[f32],
+        g: &[f32],
+        u: &[f32],
+        (m, hid, inter): (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut gate = vec![0f32; m * inter];
+        let mut up = vec![0f32; m * inter];
+        // SAFETY: x is m×hid, g and u inter×hid (read transposed).
+        unsafe {
+            matmul_par((m, inter, hid), &mut gate, false, x, false, g, true, 1.0);
+            matmul_par((m, inter, hid), &mut up, false, x, false, u, true, 1.0);
+        }
+        (gate, up)
+    }
+}
+
+impl CustomOp3 for GatedUp {
+    fn name(&self) -> &'static str {
+        "gated-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Self::dims(xl, gl, ul)?;
+        let (gate, up) = Self::project(data(xs, xl)?, data(gs, gl)?, data(us, ul)?, dims);
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(y, (g, u))| vexp::swiglu_into(y, g, u));
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((gate, up));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((dims.0, dims.2))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, hid) = x.dims2()?;
+        let inter = g.dim(0)?;
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let grads = with_data(x, |x| {
+            with_data(g, |gw| {
+                with_data(u, |uw| {
+                    with_data(grad, |dy| {
+                        let (gate, up) = match saved {
+                            Some(s) => s,
+                            None => Self::project(x, gw, uw, (m, hid, inter)),
+                        };
+                        let mut dg = vec![0f32; gate.len()];
+                        let mut du = vec![0f32; gate.len()];
+                        dg.par_chunks_mut(4096)
+                            .zip(du.par_chunks_mut(4096))
+                            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+                            .zip(dy.par_chunks(4096))
+                            .for_each(|(((dg, du), (g, u)), dy)| {
+                                vexp::swiglu_grad_into(dg, du, g, u, dy);
+                            });
+                        drop((gate, up));
+                        let mut dx = vec![0f32; m * hid];
+                        // SAFETY: dg and du are m×inter, the weights inter×hid, x m×hid.
+                        unsafe {
+                            matmul_par((m, hid, inter), &mut dx, false, &dg, false, gw, false, 1.0);
+                            matmul_par((m, hid, inter), &mut dx, true, &du, false, uw, false, 1.0);
+                        }
+                        let weights = self.train_weights.then(|| {
+                            let mut dgw = vec![0f32; inter * hid];
+                            let mut duw = vec![0f32; inter * hid];
+                            // SAFETY: as above.
+                            unsafe {
+                                matmul_par(
+                                    (inter, hid, m),
+                                    &mut dgw,
+                                    false,
+                                    &dg,
+                                    true,
+                                    x,
+                                    false,
+                                    1.0,
+                                );
+                                matmul_par(
+                                    (inter, hid, m),
+                                    &mut duw,
+                                    false,
+                                    &du,
+                                    true,
+                                    x,
+                                    false,
+                                    1.0,
+                                );
+                            }
+                            (dgw, duw)
+                        });
+                        Ok((dx, weights))
+                    })
+                })
+            })
+        })?;
+        let (dx, weights) = grads;
+        let (dgw, duw) = match weights {
+            Some((dgw, duw)) => (
+                Some(tensor_like(dgw, g.shape(), g)?),
+                Some(tensor_like(duw, u.shape(), u)?),
+            ),
+            None => (None, None),
+        };
+        Ok((Some(tensor_like(dx, x.shape(), x)?), dgw, duw))
+    }
+}
+
+/// `silu(x · Gᵀ) · (x · Uᵀ)` for `x` `[m, hidden]` and weights `[intermediate, hidden]` (f32,
+/// CPU); the weights get gradients when `train_weights`.
+pub fn gated_up(x: &Tensor, gate: &Tensor, up: &Tensor, train_weights: bool) -> Result<Tensor> {
+    let keep = x.track_op() || (train_weights && (gate.track_op() || up.track_op()));
+    let (gate, up) = if train_weights {
+        (gate.contiguous()?, up.contiguous()?)
+    } else {
+        (gate.detach().contiguous()?, up.detach().contiguous()?)
+    };
+    let op = GatedUp {
+        train_weights,
+        saved: Mutex::new(None),
+        keep,
+    };
+    x.contiguous()?.apply_op3(&gate, &up, op)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1504,6 +1817,29 @@ pub(crate) mod tests {
         for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(fg.iter().zip(&cg)) {
             assert_close(name, a, b, 1e-5);
         }
+        // The flat form, `[b·t, heads·d]`, is the same memory and gives the same numbers.
+        let flat: Vec<Tensor> = inputs
+            .iter()
+            .map(|x| x.flatten_to(1).unwrap().flatten_from(1).unwrap())
+            .collect();
+        let (flat_out, flat_g) = grads(&flat, |x| {
+            attention_flat(&x[0], &x[1], &x[2], ids.clone(), (3, t), 8).unwrap()
+        });
+        assert_eq!(flat_out.dims(), &[3 * t, 32]);
+        assert_close(
+            "flat output",
+            &flat_out.reshape(fused.shape()).unwrap(),
+            &comp,
+            1e-5,
+        );
+        for (name, (a, b)) in ["flat dq", "flat dk", "flat dv"]
+            .iter()
+            .zip(flat_g.iter().zip(&cg))
+        {
+            assert_close(name, &a.reshape(b.shape()).unwrap(), b, 1e-5);
+        }
+        let wrong_rows = attention_flat(&flat[0], &flat[1], &flat[2], ids.clone(), (2, t), 8);
+        assert!(wrong_rows.is_err());
     }
 
     #[test]
@@ -1566,6 +1902,22 @@ pub(crate) mod tests {
         });
         assert_close("output", &fused, &comp, 1e-5);
         assert_close("dx", &fg[0], &cg[0], 1e-5);
+        let flat = [inputs[0].reshape((b * t, h * d)).unwrap()];
+        let (flat_out, flat_g) = grads(&flat, |x| {
+            rope(&x[0], Arc::new(positions.clone()), tables.clone()).unwrap()
+        });
+        assert_close(
+            "flat output",
+            &flat_out.reshape(comp.shape()).unwrap(),
+            &comp,
+            1e-5,
+        );
+        assert_close(
+            "flat dx",
+            &flat_g[0].reshape(comp.shape()).unwrap(),
+            &cg[0],
+            1e-5,
+        );
         let too_far = Arc::new(vec![max_pos as u32; b * t]);
         assert!(rope(&inputs[0], too_far, tables).is_err());
     }
@@ -1697,6 +2049,51 @@ pub(crate) mod tests {
         );
         assert_close("dA", g.get(a.as_tensor()).unwrap(), &tracked[1], 1e-6);
         assert_close("dB", g.get(b.as_tensor()).unwrap(), &tracked[2], 1e-6);
+    }
+
+    #[test]
+    fn a_trained_linear_equals_a_matmul_with_gradients() {
+        let inputs = [random(&[30, 10], 21), random(&[12, 10], 22)];
+        let (fused, fg) = grads(&inputs, |x| trained_linear(&x[0], &x[1]).unwrap());
+        let (comp, cg) = grads(&inputs, |x| x[0].matmul(&x[1].t().unwrap()).unwrap());
+        assert_close("output", &fused, &comp, 1e-5);
+        assert_close("dx", &fg[0], &cg[0], 1e-5);
+        assert_close("dw", &fg[1], &cg[1], 1e-5);
+        assert!(trained_linear(&inputs[0], &random(&[12, 9], 23)).is_err());
+    }
+
+    #[test]
+    fn gated_up_equals_two_projections_and_swiglu_with_gradients() {
+        let inputs = [
+            random(&[30, 24], 31),
+            random(&[40, 24], 32),
+            random(&[40, 24], 33),
+        ];
+        let composite = |x: &[Tensor]| {
+            let g = x[0].matmul(&x[1].t().unwrap()).unwrap();
+            let u = x[0].matmul(&x[2].t().unwrap()).unwrap();
+            (g.silu().unwrap() * u).unwrap()
+        };
+        let (fused, fg) = grads(&inputs, |x| gated_up(&x[0], &x[1], &x[2], true).unwrap());
+        let (comp, cg) = grads(&inputs, composite);
+        assert_close("output", &fused, &comp, 1e-5);
+        for (name, (a, b)) in ["dx", "dgate", "dup"].iter().zip(fg.iter().zip(&cg)) {
+            assert_close(name, a, b, 1e-5);
+        }
+        // Frozen weights: the input's gradient only, the same one.
+        let (g, u) = (
+            Var::from_tensor(&inputs[1]).unwrap(),
+            Var::from_tensor(&inputs[2]).unwrap(),
+        );
+        let x = Var::from_tensor(&inputs[0]).unwrap();
+        let r = random(&[30, 40], 99);
+        let y = gated_up(x.as_tensor(), g.as_tensor(), u.as_tensor(), false).unwrap();
+        let store = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(store.get(g.as_tensor()).is_none() && store.get(u.as_tensor()).is_none());
+        assert_close("frozen dx", store.get(x.as_tensor()).unwrap(), &cg[0], 1e-5);
+        // Without a graph nothing is kept for a backward pass that will not come.
+        let plain = gated_up(&inputs[0], &inputs[1], &inputs[2], false).unwrap();
+        assert_close("untracked output", &plain, &comp, 1e-5);
     }
 
     #[test]

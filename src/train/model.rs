@@ -198,7 +198,12 @@ impl Proj {
     /// no batched weight gradient to sum), and a frozen weight's gradient never computed.
     fn forward_flat(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut out = x.dims().to_vec();
-        let x2 = x.reshape(((), *out.last().unwrap_or(&0)))?;
+        // A 2-D input is used as it is: every reshape is one more gradient for candle to add.
+        let x2 = if out.len() == 2 {
+            x.clone()
+        } else {
+            x.reshape(((), *out.last().unwrap_or(&0)))?
+        };
         let w = self.base.weight();
         let dropout = |l: &LoraAdapter| {
             (train && l.dropout > 0.0).then(|| l.rng.keep(x2.elem_count(), l.dropout))
@@ -219,16 +224,25 @@ impl Proj {
                 let update = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
                 (x2.matmul(&w.t()?)? + (update * l.scale)?)?
             }
-            (None, true) => x2.matmul(&w.t()?)?,
+            (None, true) => kernels::trained_linear(&x2, w)?,
             (None, false) => kernels::frozen_linear(&x2, w)?,
         };
         if let Some(bias) = self.base.bias() {
             y = y.broadcast_add(bias)?;
         }
+        if out.len() == 2 {
+            return Ok(y);
+        }
         if let Some(last) = out.last_mut() {
             *last = y.dim(1)?;
         }
         y.reshape(out)
+    }
+
+    /// The weight when this projection is a plain one (no adapter, no bias) — what
+    /// [`kernels::gated_up`] takes.
+    fn plain_weight(&self) -> Option<&Tensor> {
+        (self.lora.is_none() && self.base.bias().is_none()).then(|| self.base.weight())
     }
 }
 
@@ -309,23 +323,30 @@ impl Attention {
         rotary: &Rotary,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let train = pass.train;
         if let Some(f) = &pass.fused {
-            // Tokens stay in `[b, t, heads, d]` order throughout: no transposes to copy.
-            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head));
-            let q = heads(self.q.forward(x, train, true)?, self.heads)?;
-            let k = heads(self.k.forward(x, train, true)?, self.kv_heads)?;
-            let v = heads(self.v.forward(x, train, true)?, self.kv_heads)?;
+            // Tokens stay flat, `[b·t, heads·d]` (the memory of `[b, t, heads, d]`), throughout:
+            // no transposes to copy and no reshapes for the backward pass to carry.
+            let dims = x.dims().to_vec();
+            let x2 = if dims.len() == 2 {
+                x.clone()
+            } else {
+                x.flatten_to(dims.len().saturating_sub(2))?
+            };
+            let q = self.q.forward(&x2, train, true)?;
+            let k = self.k.forward(&x2, train, true)?;
+            let v = self.v.forward(&x2, train, true)?;
             let q = kernels::rope(&q, f.positions.clone(), f.tables.clone())?;
             let k = kernels::rope(&k, f.positions.clone(), f.tables.clone())?;
-            let out = kernels::attention(&q, &k, &v, f.segments.clone())?.reshape((
-                b,
-                t,
-                self.heads * self.head,
-            ))?;
-            return self.o.forward(&out, train, true);
+            let out = kernels::attention_flat(&q, &k, &v, f.segments.clone(), f.rows, self.head)?;
+            let y = self.o.forward(&out, train, true)?;
+            return if dims.len() == 2 {
+                Ok(y)
+            } else {
+                y.reshape(dims)
+            };
         }
+        let (b, t, _) = x.dims3()?;
         let mask = pass
             .additive
             .as_ref()
@@ -408,6 +429,27 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+        if fused {
+            if let (Some(g), Some(u)) = (self.gate.plain_weight(), self.up.plain_weight()) {
+                if g.is_variable() == u.is_variable() {
+                    // Gate, up and SwiGLU in one op over every token.
+                    let dims = x.dims().to_vec();
+                    let hid = *dims.last().unwrap_or(&0);
+                    let x2 = if dims.len() == 2 {
+                        x.clone()
+                    } else {
+                        x.reshape(((), hid))?
+                    };
+                    let h = kernels::gated_up(&x2, g, u, g.is_variable())?;
+                    let y = self.down.forward(&h, train, true)?;
+                    return if dims.len() == 2 {
+                        Ok(y)
+                    } else {
+                        y.reshape(dims)
+                    };
+                }
+            }
+        }
         let gate = self.gate.forward(x, train, fused)?;
         let up = self.up.forward(x, train, fused)?;
         let h = if fused {
@@ -536,6 +578,8 @@ struct Pass {
 }
 
 struct FusedPass {
+    /// Rows and tokens per row.
+    rows: (usize, usize),
     positions: Arc<Vec<u32>>,
     segments: Arc<Vec<u32>>,
     tables: Arc<RopeTables>,
@@ -688,8 +732,9 @@ impl Decoder {
 
     fn pass(&self, positions: &Tensor, mask: &Mask, cached: bool, train: bool) -> Result<Pass> {
         let fused = match (mask, &self.rotary.tables) {
-            (Mask::Segments { ids, .. }, Some(tables)) if self.fused() && !cached => {
+            (Mask::Segments { ids, rows, len }, Some(tables)) if self.fused() && !cached => {
                 Some(FusedPass {
+                    rows: (*rows, *len),
                     positions: Arc::new(positions.flatten_all()?.to_vec1::<u32>()?),
                     segments: ids.clone(),
                     tables: tables.clone(),
@@ -755,7 +800,7 @@ impl Decoder {
         let pass = self.pass(positions, mask, false, true)?;
         let fused = pass.fused.is_some();
         let missing = || candle_core::Error::Msg("no gradient reached a layer's input".into());
-        let embedded = self.embed.forward(input_ids)?;
+        let embedded = self.embedded(input_ids, fused)?;
         // The first layer's input needs a gradient only when the embedding is trained.
         let embedding_trained = embedded.track_op();
         let tracked = |x: &Tensor, i: usize| -> Result<Tensor> {
@@ -782,7 +827,9 @@ impl Decoder {
         if let Some(layer) = self.layers.last() {
             out = layer.forward(&input, &pass, &self.rotary, None)?;
         }
-        let mut grads = detached(loss_of(&self.norm.forward(&out, fused)?, fused)?.backward()?);
+        let hidden = self.unflattened(self.norm.forward(&out, fused)?, input_ids)?;
+        let mut grads = detached(loss_of(&hidden, fused)?.backward()?);
+        drop(hidden);
         drop(out);
         let mut upstream = match grads.remove(&input) {
             Some(g) => g,
@@ -838,10 +885,10 @@ impl Decoder {
     /// Logits `[n, vocab]` of hidden states `[n, hidden]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.weight();
-        if w.is_variable() || !self.fused() {
-            x.matmul(&w.t()?)
-        } else {
-            kernels::frozen_linear(x, w)
+        match (self.fused(), w.is_variable()) {
+            (false, _) => x.matmul(&w.t()?),
+            (true, true) => kernels::trained_linear(x, w),
+            (true, false) => kernels::frozen_linear(x, w),
         }
     }
 
@@ -856,7 +903,7 @@ impl Decoder {
     ) -> Result<(Tensor, bool)> {
         let pass = self.pass(positions, mask, cache.is_some(), train)?;
         let fused = pass.fused.is_some();
-        let mut x = self.embed.forward(input_ids)?;
+        let mut x = self.embedded(input_ids, fused)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
@@ -864,7 +911,31 @@ impl Decoder {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(&x, &pass, &self.rotary, slot)?;
         }
-        Ok((self.norm.forward(&x, fused)?, fused))
+        let x = self.norm.forward(&x, fused)?;
+        Ok((self.unflattened(x, input_ids)?, fused))
+    }
+
+    /// The embeddings of `input_ids` `[b, t]`: `[b, t, hidden]`, or flat, `[b·t, hidden]`, for
+    /// the fused kernels, which keep the residual stream flat (each reshape would be one more
+    /// activation-sized gradient for candle's backward pass to add up).
+    fn embedded(&self, input_ids: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused {
+            self.embed
+                .embeddings()
+                .index_select(&input_ids.flatten_all()?, 0)
+        } else {
+            self.embed.forward(input_ids)
+        }
+    }
+
+    /// Hidden states `[b, t, hidden]` of `input_ids` `[b, t]`, from flat ones or as they are.
+    fn unflattened(&self, x: Tensor, input_ids: &Tensor) -> Result<Tensor> {
+        if x.rank() != 2 {
+            return Ok(x);
+        }
+        let (b, t) = input_ids.dims2()?;
+        let hid = x.dim(1)?;
+        x.reshape((b, t, hid))
     }
 
     /// Logits of the next token after `new_ids` (batch of one), extending `cache`.
