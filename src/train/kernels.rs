@@ -880,13 +880,7 @@ impl CustomOp2 for SwigluOp {
                 ul.shape()
             );
         }
-        let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(4096)
-            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
-                vexp::swiglu_into(y, g, u);
-            });
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
+        Ok((CpuStorage::F32(swiglu_par(gate, up)), gl.shape().clone()))
     }
 
     fn bwd(
@@ -898,18 +892,7 @@ impl CustomOp2 for SwigluOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = with_data(gate, |gate| {
             with_data(up, |up| {
-                with_data(grad, |dy| {
-                    let mut dg = vec![0f32; gate.len()];
-                    let mut du = vec![0f32; gate.len()];
-                    dg.par_chunks_mut(4096)
-                        .zip(du.par_chunks_mut(4096))
-                        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-                        .zip(dy.par_chunks(4096))
-                        .for_each(|(((dg, du), (g, u)), dy)| {
-                            vexp::swiglu_grad_into(dg, du, g, u, dy);
-                        });
-                    Ok((dg, du))
-                })
+                with_data(grad, |dy| Ok(swiglu_grad_par(gate, up, dy)))
             })
         })?;
         Ok((
@@ -917,6 +900,27 @@ impl CustomOp2 for SwigluOp {
             Some(tensor_like(du, up.shape(), up)?),
         ))
     }
+}
+
+/// `silu(g) · u` over whole buffers, on rayon's threads.
+fn swiglu_par(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; gate.len()];
+    y.par_chunks_mut(4096)
+        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+        .for_each(|(y, (g, u))| vexp::swiglu_into(y, g, u));
+    y
+}
+
+/// The gradients of [`swiglu_par`] for the upstream gradient `dy`: `(d gate, d up)`.
+fn swiglu_grad_par(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; gate.len()];
+    let mut du = vec![0f32; gate.len()];
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+        .zip(dy.par_chunks(4096))
+        .for_each(|(((dg, du), (g, u)), dy)| vexp::swiglu_grad_into(dg, du, g, u, dy));
+    (dg, du)
 }
 
 /// `silu(gate) · up` (f32, CPU).
@@ -1587,10 +1591,7 @@ impl CustomOp3 for GatedUp {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Self::dims(xl, gl, ul)?;
         let (gate, up) = Self::project(data(xs, xl)?, data(gs, gl)?, data(us, ul)?, dims);
-        let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(4096)
-            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-            .for_each(|(y, (g, u))| vexp::swiglu_into(y, g, u));
+        let y = swiglu_par(&gate, &up);
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((gate, up));
         }
@@ -1616,15 +1617,7 @@ impl CustomOp3 for GatedUp {
                             Some(s) => s,
                             None => Self::project(x, gw, uw, (m, hid, inter)),
                         };
-                        let mut dg = vec![0f32; gate.len()];
-                        let mut du = vec![0f32; gate.len()];
-                        dg.par_chunks_mut(4096)
-                            .zip(du.par_chunks_mut(4096))
-                            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-                            .zip(dy.par_chunks(4096))
-                            .for_each(|(((dg, du), (g, u)), dy)| {
-                                vexp::swiglu_grad_into(dg, du, g, u, dy);
-                            });
+                        let (dg, du) = swiglu_grad_par(&gate, &up, dy);
                         drop((gate, up));
                         let mut dx = vec![0f32; m * hid];
                         // SAFETY: dg and du are m×inter, the weights inter×hid, x m×hid.
