@@ -27,14 +27,29 @@ fn python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Peak resident memory of the largest child waited for so far, in MiB.
-fn children_peak_mib() -> f64 {
-    // SAFETY: getrusage writes into the struct it is given.
-    unsafe {
+/// Runs `cmd` to its end with its output in files under `dir`, and returns whether it succeeded,
+/// its stdout and stderr, and its own peak resident memory in MiB (`ru_maxrss` of this child
+/// alone, from `wait4`: the synth step before it is not counted).
+fn run_measured(cmd: &mut Command, dir: &Path, name: &str) -> (bool, String, String, f64) {
+    let out = dir.join(format!("{name}.stdout"));
+    let err = dir.join(format!("{name}.stderr"));
+    let child = cmd
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("spawn");
+    let mut status = 0;
+    // SAFETY: wait4 writes the exit status and the usage into the values it is given; the child
+    // is reaped here and not waited for again.
+    let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
-        usage.ru_maxrss as f64 / 1024.0
-    }
+        let pid = libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage);
+        assert!(pid > 0, "wait4 failed");
+        usage
+    };
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (ok, read(&out), read(&err), usage.ru_maxrss as f64 / 1024.0)
 }
 
 fn main() {
@@ -83,21 +98,18 @@ fn main() {
     println!("{count} records, 2,048-token rows, Qwen3 tokenizer and chat template");
 
     let start = Instant::now();
-    let out = Command::new(bin)
-        .arg("pack")
-        .arg(&project_path)
-        .arg("--out")
-        .arg(dir.path().join("ours"))
-        .output()
-        .expect("pack");
-    let ours_s = start.elapsed().as_secs_f64();
-    let ours_mib = children_peak_mib();
-    assert!(
-        out.status.success(),
-        "pack failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, stdout, stderr, ours_mib) = run_measured(
+        Command::new(bin)
+            .arg("pack")
+            .arg(&project_path)
+            .arg("--out")
+            .arg(dir.path().join("ours")),
+        dir.path(),
+        "pack",
     );
-    let line = String::from_utf8_lossy(&out.stdout);
+    let ours_s = start.elapsed().as_secs_f64();
+    assert!(ok, "pack failed: {stderr}");
+    let line = stdout;
     println!(
         "  ours (moi-studio pack)          {ours_s:>7.1} s  peak RSS {ours_mib:>6.0} MiB  {}",
         line.lines()

@@ -302,3 +302,86 @@ fn demo_rows_fill_like_best_fit_and_chunks_mix_tasks() {
         preview.chunks
     );
 }
+
+/// With a tokenizer file and no chained instructions, `pack` spills tokenized samples to
+/// temporary files instead of holding them: the rows, conversations and manifest it writes are
+/// byte for byte the in-memory engine's (eval split and two reshuffled epochs included), and no
+/// temporary file is left beside them.
+#[test]
+fn spilled_pack_writes_what_the_in_memory_engine_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    fixture().tokenizer.save(&tokenizer, false).unwrap();
+    let mut project = Project::load(&demo()).unwrap();
+    project.mixing.tokenizer = Some(tokenizer);
+    project.mixing.epochs = 2;
+    for task in &mut project.tasks {
+        task.sit.steps.clear();
+    }
+    let path = dir.path().join("spill.moi.toml");
+    project.save(&path).unwrap();
+    let pack = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let run = Command::cargo_bin("moi-studio")
+            .unwrap()
+            .arg("pack")
+            .arg(&path)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+        assert_eq!(run.status.code(), Some(0), "{stderr}");
+        (out, stderr)
+    };
+    let (spilled, said) = pack("spilled", &[]);
+    assert!(said.contains("reading and tokenizing"), "{said}");
+    let (memory, said) = pack("memory", &["--in-memory"]);
+    assert!(!said.contains("reading and tokenizing"), "{said}");
+    for file in [
+        "packed.parquet",
+        "mixed.jsonl",
+        "manifest.json",
+        "tokenizer.json",
+    ] {
+        let a = std::fs::read(spilled.join(file)).unwrap();
+        let b = std::fs::read(memory.join(file)).unwrap();
+        assert!(
+            a == b,
+            "{file} differs between the spilled and in-memory paths"
+        );
+    }
+    let mut left: Vec<String> = std::fs::read_dir(&spilled)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "manifest.json",
+            "mixed.jsonl",
+            "packed.parquet",
+            "tokenizer.json"
+        ]
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(spilled.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["epochs"], 2);
+    let mixed = std::fs::read_to_string(spilled.join("mixed.jsonl")).unwrap();
+    assert_eq!(
+        mixed.lines().count() as u64,
+        manifest["rows"].as_u64().unwrap()
+    );
+    for line in mixed.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let messages = row["messages"].as_array().unwrap();
+        assert_eq!(messages[0]["content"], "You are a helpful assistant.");
+        assert!(
+            messages.len() >= 2 || row["partial"].as_u64().unwrap() > 0,
+            "{line}"
+        );
+        assert!(row["tasks"].as_array().is_some());
+    }
+}

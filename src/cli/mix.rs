@@ -10,11 +10,16 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
+use crate::core::chains::composes_training;
 use crate::core::dataset::{TaskData, load_task};
 use crate::core::fsutil::{set_readable, write_atomic};
-use crate::core::mixing::{PackingPreview, Prepared, row_text};
+use crate::core::mixing::{
+    MixError, PackingPreview, Prepared, load_template, load_tokenizer, row_text,
+};
 use crate::core::packing::{PackMode, PackPlan, PackSettings, PackedRow, SegmentKind};
 use crate::core::project::Project;
+use crate::core::sampling::SampleRef;
+use crate::core::spill::{Spilled, append_messages, messages_json};
 use crate::core::tokenize::conversation;
 
 /// Everything the mixing commands need, loaded once.
@@ -27,7 +32,11 @@ struct Loaded {
 
 /// Reads the project's data, loads or trains the tokenizer and tokenizes every task.
 fn load(path: &Path, quiet: bool) -> anyhow::Result<Loaded> {
-    let project = Project::load(path)?;
+    load_data(Project::load(path)?, path, quiet)
+}
+
+/// [`load`] for a project already read.
+fn load_data(project: Project, path: &Path, quiet: bool) -> anyhow::Result<Loaded> {
     let say = |m: &str| {
         if !quiet {
             eprintln!("{m}");
@@ -240,6 +249,11 @@ pub struct PackArgs {
     /// Packing mode (default: the project's).
     #[arg(long)]
     pub mode: Option<PackMode>,
+    /// Keep every sample in memory, as the studio does, instead of spilling them to temporary
+    /// files beside the output (the spilled path is used whenever the project's tokenizer is a
+    /// file and no task chains instructions); for comparing the two.
+    #[arg(long, hide = true)]
+    pub in_memory: bool,
 }
 
 /// Rows per parquet row group (and rows built at a time).
@@ -346,76 +360,221 @@ impl RowSink {
     }
 }
 
-/// The row as one openai-messages conversation: the default prompt (in `moi` rows), then each
-/// instruction's own system prompt, question and answer. A sample split over several rows is
-/// written once, with its first piece; `partial` counts instructions the row holds only in part.
-fn row_conversation(loaded: &Loaded, row: &PackedRow) -> Value {
-    let mut messages = Vec::new();
-    let mut tasks = Vec::new();
-    let mut partial = 0;
+/// What `pack` builds rows from: every sample in memory (the studio's engine), or samples spilled
+/// to temporary files so that memory does not grow with the records' text.
+trait PackSource {
+    fn project(&self) -> &Project;
+    fn tokenizer(&self) -> &Tokenizer;
+    fn check_fits(&self, pack: &PackSettings) -> Result<(), MixError>;
+    fn pack_epoch(&self, pack: &PackSettings, epoch: u32) -> PackPlan;
+    fn rows(
+        &self,
+        plan: &PackPlan,
+        range: std::ops::Range<usize>,
+        pack: &PackSettings,
+    ) -> anyhow::Result<Vec<PackedRow>>;
+    /// Appends a sample's conversation as JSON messages separated by commas; see
+    /// [`append_messages`].
+    fn messages(&self, s: SampleRef, keep_system: bool, out: &mut Vec<u8>) -> anyhow::Result<bool>;
+}
+
+impl PackSource for Loaded {
+    fn project(&self) -> &Project {
+        &self.project
+    }
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    fn check_fits(&self, pack: &PackSettings) -> Result<(), MixError> {
+        self.prepared.check_fits(pack)
+    }
+    fn pack_epoch(&self, pack: &PackSettings, epoch: u32) -> PackPlan {
+        self.prepared
+            .pack_epoch(&self.project.mixing, pack, self.project.seed, epoch)
+    }
+    fn rows(
+        &self,
+        plan: &PackPlan,
+        range: std::ops::Range<usize>,
+        pack: &PackSettings,
+    ) -> anyhow::Result<Vec<PackedRow>> {
+        Ok(range.map(|i| self.prepared.row(plan, i, pack)).collect())
+    }
+    fn messages(&self, s: SampleRef, keep_system: bool, out: &mut Vec<u8>) -> anyhow::Result<bool> {
+        let (t, r) = (s.task as usize, s.record as usize);
+        let task = &self.project.tasks[t];
+        let record = &self.data[t].records[self.prepared.tasks[t].record_index[r]];
+        let (json, system) =
+            messages_json(&conversation(record, &task.system_prompt, task.system_rule));
+        Ok(append_messages(&json, system, keep_system, out))
+    }
+}
+
+/// The project's samples spilled to files ([`Spilled`]).
+struct SpilledSource {
+    project: Project,
+    tokenizer: Tokenizer,
+    spilled: Spilled,
+}
+
+impl PackSource for SpilledSource {
+    fn project(&self) -> &Project {
+        &self.project
+    }
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    fn check_fits(&self, pack: &PackSettings) -> Result<(), MixError> {
+        self.spilled.check_fits(pack)
+    }
+    fn pack_epoch(&self, pack: &PackSettings, epoch: u32) -> PackPlan {
+        self.spilled
+            .pack_epoch(&self.project.mixing, pack, self.project.seed, epoch)
+    }
+    fn rows(
+        &self,
+        plan: &PackPlan,
+        range: std::ops::Range<usize>,
+        pack: &PackSettings,
+    ) -> anyhow::Result<Vec<PackedRow>> {
+        self.spilled.rows(plan, range, pack)
+    }
+    fn messages(&self, s: SampleRef, keep_system: bool, out: &mut Vec<u8>) -> anyhow::Result<bool> {
+        self.spilled.messages(s, keep_system, out)
+    }
+}
+
+/// Whether `pack` can spill this project's samples: the tokenizer is a file (the built-in one
+/// learns from all the text at once) and no task composes chains (a chain needs other records).
+fn spillable(project: &Project) -> bool {
+    project.mixing.tokenizer.is_some()
+        && (0..project.tasks.len()).all(|t| !composes_training(project, t))
+}
+
+/// Reads and tokenizes the project into temporary files in `dir`, saying what `load` says.
+fn load_spilled(project: Project, path: &Path, dir: &Path) -> anyhow::Result<SpilledSource> {
+    let tokenizer = load_tokenizer(&project, &project.mixing, &[])?;
+    let template = load_template(&project, &project.mixing)?;
+    eprintln!("reading and tokenizing…");
+    let spilled = Spilled::build(
+        &project,
+        &tokenizer,
+        &template,
+        project.mixing.labels,
+        dir,
+        &mut |_| {},
+    )?;
+    for t in &spilled.tasks {
+        for s in &t.sources {
+            if let Some(e) = &s.error {
+                eprintln!("warning: {e}");
+            }
+        }
+        for (origin, why) in t.failed.iter().take(5) {
+            eprintln!("warning: task {} line {}: {why}", t.name, origin.line);
+        }
+    }
+    if spilled.tasks.iter().all(|t| t.records == 0) {
+        bail!("no task of {} has any record to mix", path.display());
+    }
+    Ok(SpilledSource {
+        project,
+        tokenizer,
+        spilled,
+    })
+}
+
+/// Writes one row as an openai-messages conversation on one line: the default prompt (in `moi`
+/// rows), then each instruction's own system prompt, question and answer. A sample split over
+/// several rows is written once, with its first piece; `partial` counts instructions the row
+/// holds only in part.
+fn write_conversation(
+    out: &mut impl std::io::Write,
+    source: &dyn PackSource,
+    row: &PackedRow,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let project = source.project();
+    buf.clear();
+    buf.extend_from_slice(b"{\"messages\":[");
+    let mut tasks: Vec<&str> = Vec::new();
+    let (mut partial, mut any) = (0, false);
     for seg in &row.segments {
         match (seg.kind, seg.task, seg.record) {
-            (SegmentKind::DefaultPrompt, _, _) => messages.push(json!({
-                "role": "system",
-                "content": loaded.project.default_system_prompt,
-            })),
-            (SegmentKind::Instruction, Some(t), Some(r)) => {
+            (SegmentKind::DefaultPrompt, _, _) => {
+                if any {
+                    buf.push(b',');
+                }
+                let system = json!({"role": "system", "content": project.default_system_prompt});
+                serde_json::to_writer(&mut *buf, &system)?;
+                any = true;
+            }
+            (SegmentKind::Instruction, Some(task), Some(record)) => {
                 if seg.partial {
                     partial += 1;
                 }
                 if seg.offset > 0 {
                     continue;
                 }
-                let task = &loaded.project.tasks[t as usize];
-                let prepared = &loaded.prepared.tasks[t as usize];
-                let record = &loaded.data[t as usize].records[prepared.record_index[r as usize]];
-                let mut conv = conversation(record, &task.system_prompt, task.system_rule);
-                if seg.system.is_empty() && conv.first().is_some_and(|m| m.role == "system") {
-                    conv.remove(0);
+                let mark = buf.len();
+                if any {
+                    buf.push(b',');
                 }
-                messages.extend(
-                    conv.into_iter()
-                        .map(|m| json!({"role": m.role, "content": m.content})),
-                );
-                tasks.push(task.name.clone());
+                let keep_system = !seg.system.is_empty();
+                if source.messages(SampleRef { task, record }, keep_system, buf)? {
+                    any = true;
+                } else {
+                    buf.truncate(mark);
+                }
+                tasks.push(&project.tasks[task as usize].name);
             }
             _ => {}
         }
     }
-    json!({ "messages": messages, "tasks": tasks, "partial": partial })
+    buf.extend_from_slice(b"],\"tasks\":");
+    serde_json::to_writer(&mut *buf, &tasks)?;
+    buf.extend_from_slice(format!(",\"partial\":{partial}}}\n").as_bytes());
+    out.write_all(buf)?;
+    Ok(())
 }
 
 /// Runs `pack`: rows are built and written a group at a time, epoch after epoch.
 pub fn run_pack(args: PackArgs) -> anyhow::Result<i32> {
-    use std::io::Write;
-    let loaded = load(&args.project, false)?;
-    let pack = pack_settings(&loaded.project, args.mode);
-    loaded.prepared.check_fits(&pack)?;
+    let project = Project::load(&args.project)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let source: Box<dyn PackSource> = if spillable(&project) && !args.in_memory {
+        Box::new(load_spilled(project, &args.project, &args.out)?)
+    } else {
+        Box::new(load_data(project, &args.project, false)?)
+    };
+    write_pack(&args, source.as_ref())
+}
+
+/// Samples, packs and writes every epoch's rows, the mixed conversations, the tokenizer and the
+/// manifest into `args.out`.
+fn write_pack(args: &PackArgs, source: &dyn PackSource) -> anyhow::Result<i32> {
+    let project = source.project();
+    let pack = pack_settings(project, args.mode);
+    source.check_fits(&pack)?;
     let mut sink = RowSink::new(args.format, &args.out)?;
     let mixed_tmp = tempfile::Builder::new()
         .prefix(".moi-mixed-")
         .tempfile_in(&args.out)?;
     let mut mixed = std::io::BufWriter::new(mixed_tmp.as_file().try_clone()?);
     // Every epoch is sampled and packed afresh (balanced sampling reshuffles per epoch).
-    let epochs = loaded.project.mixing.epochs.max(1);
+    let epochs = project.mixing.epochs.max(1);
     let (mut rows, mut tokens) = (0usize, 0u64);
+    let mut buf = Vec::new();
     for epoch in 0..epochs {
-        let plan: PackPlan =
-            loaded
-                .prepared
-                .pack_epoch(&loaded.project.mixing, &pack, loaded.project.seed, epoch);
+        let plan = source.pack_epoch(&pack, epoch);
         for start in (0..plan.rows.len()).step_by(ROW_GROUP) {
             let end = (start + ROW_GROUP).min(plan.rows.len());
-            let built: Vec<PackedRow> = (start..end)
-                .map(|i| loaded.prepared.row(&plan, i, &pack))
-                .collect();
+            let built = source.rows(&plan, start..end, &pack)?;
             sink.write(&built)?;
             for r in &built {
                 tokens += r.input_ids.len() as u64;
-                serde_json::to_writer(&mut mixed, &row_conversation(&loaded, r))?;
-                mixed.write_all(b"\n")?;
+                write_conversation(&mut mixed, source, r, &mut buf)?;
             }
             rows += built.len();
         }
@@ -433,8 +592,8 @@ pub fn run_pack(args: PackArgs) -> anyhow::Result<i32> {
         .persist(&mixed_path)
         .map_err(|e| anyhow::anyhow!("writing {}: {}", mixed_path.display(), e.error))?;
     let tokenizer_path = args.out.join("tokenizer.json");
-    loaded
-        .tokenizer
+    source
+        .tokenizer()
         .save(&tokenizer_path, false)
         .map_err(|e| anyhow::anyhow!("saving {}: {e}", tokenizer_path.display()))?;
     let fill = tokens as f64 / (rows.max(1) as f64 * pack.max_seq_len as f64);
@@ -444,9 +603,9 @@ pub fn run_pack(args: PackArgs) -> anyhow::Result<i32> {
         "tokens": tokens,
         "fill": fill,
         "packing": pack,
-        "mixing": loaded.project.mixing,
-        "default_system_prompt": loaded.project.default_system_prompt,
-        "tasks": loaded.project.tasks.iter().map(|t| json!({"name": t.name, "system_prompt": t.system_prompt})).collect::<Vec<_>>(),
+        "mixing": project.mixing,
+        "default_system_prompt": project.default_system_prompt,
+        "tasks": project.tasks.iter().map(|t| json!({"name": t.name, "system_prompt": t.system_prompt})).collect::<Vec<_>>(),
         "attention": "token i may attend to token j when j <= i and (segment_ids[j] == 0 or \
                       segment_ids[j] == segment_ids[i]); segment 0 is the row's shared prefix (the \
                       default system prompt in moi rows) or, with full attention, the whole row. \

@@ -47,7 +47,7 @@ impl<'a> Composer<'a> {
         let spec = project.tasks.get(task)?;
         let settings = &spec.sit;
         let share = if eval { 1.0 } else { settings.share };
-        if settings.steps.is_empty() || share <= 0.0 || settings.validate().is_err() {
+        if !chains_at(settings, share) {
             return None;
         }
         let split_of = |t: usize| {
@@ -119,6 +119,20 @@ impl<'a> Composer<'a> {
         };
         compose(self.task.records.get(i)?, template, which, partner)
     }
+}
+
+/// Whether a task's SIT settings compose any record at this share.
+fn chains_at(settings: &SitSettings, share: f64) -> bool {
+    !settings.steps.is_empty() && share > 0.0 && settings.validate().is_ok()
+}
+
+/// Whether any training record of task `task` may be composed into a chain: when none is, the
+/// task's records can be tokenized one at a time, without the other tasks' records at hand.
+pub fn composes_training(project: &Project, task: usize) -> bool {
+    project
+        .tasks
+        .get(task)
+        .is_some_and(|t| chains_at(&t.sit, t.sit.share))
 }
 
 /// Which records of task `task` are composed, and how: for the training split (`eval` false) a

@@ -172,15 +172,16 @@ pub struct LoadProgress {
     pub bytes: ImportProgress,
 }
 
-/// Imports every source of one task and draws its eval split. A source that cannot be read is
-/// reported in its outcome; the task keeps the records of the others.
-pub fn load_task(
+/// Imports every source of one task, passing each good record to `sink` as it is read, and
+/// returns one outcome per source. A source that cannot be read is reported in its outcome; the
+/// others are still read.
+pub fn import_task_sources(
     project: &Project,
     task_index: usize,
     task: &Task,
+    sink: &mut dyn FnMut(Record),
     progress: &mut dyn FnMut(LoadProgress),
-) -> TaskData {
-    let mut records = Vec::new();
+) -> Vec<SourceOutcome> {
     let mut sources = Vec::with_capacity(task.sources.len());
     for (i, source) in task.sources.iter().enumerate() {
         let path = project.resolve(&source.path);
@@ -192,7 +193,7 @@ pub fn load_task(
             .difficulty
             .column()
             .map(str::to_string);
-        let outcome = import_file(&path, &options, &mut |r| records.push(r), &mut |bytes| {
+        let outcome = import_file(&path, &options, sink, &mut |bytes| {
             progress(LoadProgress {
                 task: task_index,
                 source: i,
@@ -214,6 +215,25 @@ pub fn load_task(
             },
         });
     }
+    sources
+}
+
+/// Imports every source of one task and draws its eval split. A source that cannot be read is
+/// reported in its outcome; the task keeps the records of the others.
+pub fn load_task(
+    project: &Project,
+    task_index: usize,
+    task: &Task,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> TaskData {
+    let mut records = Vec::new();
+    let sources = import_task_sources(
+        project,
+        task_index,
+        task,
+        &mut |r| records.push(r),
+        progress,
+    );
     let is_eval = eval_mask(records.len(), task.eval_fraction, project.seed, &task.name);
     TaskData {
         name: task.name.clone(),

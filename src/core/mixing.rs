@@ -236,14 +236,7 @@ impl Prepared {
 
     /// Checks the default-prompt prefix leaves room in a row: it may take at most half of it.
     pub fn check_fits(&self, pack: &PackSettings) -> Result<(), MixError> {
-        let prefix = self.prefix.input_ids.len();
-        if pack.mode == PackMode::Moi && prefix * 2 > pack.max_seq_len {
-            return Err(MixError::TooShort {
-                prefix,
-                max_seq_len: pack.max_seq_len,
-            });
-        }
-        Ok(())
+        check_prefix_fits(&self.prefix, pack)
     }
 
     /// Sizes for the sampler.
@@ -293,15 +286,13 @@ impl Prepared {
         seed: u64,
         epoch: u32,
     ) -> PackPlan {
-        let strategy = pack.mode.strategy(mix.strategy());
-        let refs = sample_epoch(&self.task_sizes(), strategy, seed, epoch);
-        plan(
-            &refs,
+        pack_epoch(
+            &self.task_sizes(),
             &|s| self.info(s),
-            self.tasks.len(),
             self.prefix.input_ids.len() as u32,
-            pack,
-            seed ^ u64::from(epoch),
+            (mix, pack),
+            seed,
+            epoch,
         )
     }
 
@@ -309,6 +300,41 @@ impl Prepared {
     pub fn row(&self, plan: &PackPlan, i: usize, pack: &PackSettings) -> PackedRow {
         build_row(plan, i, &|s| self.sample(s), &self.prefix, pack)
     }
+}
+
+/// Checks a default-prompt prefix leaves room in a row: it may take at most half of it.
+pub fn check_prefix_fits(prefix: &SampleTokens, pack: &PackSettings) -> Result<(), MixError> {
+    let prefix = prefix.input_ids.len();
+    if pack.mode == PackMode::Moi && prefix * 2 > pack.max_seq_len {
+        return Err(MixError::TooShort {
+            prefix,
+            max_seq_len: pack.max_seq_len,
+        });
+    }
+    Ok(())
+}
+
+/// Samples and packs one epoch of tasks of these sizes; `info` gives a sample's lengths and
+/// `prefix_len` is the default prompt's token count. The one sampling-and-planning step of every
+/// sample store (in memory or spilled to disk), so they all draw the same rows.
+pub fn pack_epoch(
+    sizes: &[TaskSize],
+    info: &dyn Fn(SampleRef) -> SampleInfo,
+    prefix_len: u32,
+    (mix, pack): (&MixSettings, &PackSettings),
+    seed: u64,
+    epoch: u32,
+) -> PackPlan {
+    let strategy = pack.mode.strategy(mix.strategy());
+    let refs = sample_epoch(sizes, strategy, seed, epoch);
+    plan(
+        &refs,
+        info,
+        sizes.len(),
+        prefix_len,
+        pack,
+        seed ^ u64::from(epoch),
+    )
 }
 
 /// Per-task shares after packing.

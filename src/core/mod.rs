@@ -21,6 +21,7 @@ pub mod runs;
 pub mod sampling;
 pub mod settings;
 pub mod sit;
+pub mod spill;
 pub mod split;
 pub mod synth;
 pub mod template;
