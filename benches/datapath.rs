@@ -33,6 +33,8 @@ fn python() -> Option<PathBuf> {
 fn run_measured(cmd: &mut Command, dir: &Path, name: &str) -> (bool, String, String, f64) {
     let out = dir.join(format!("{name}.stdout"));
     let err = dir.join(format!("{name}.stderr"));
+    // Reaped by wait4 below, which std does not know of.
+    #[allow(clippy::zombie_processes)]
     let child = cmd
         .stdout(std::fs::File::create(&out).expect("stdout file"))
         .stderr(std::fs::File::create(&err).expect("stderr file"))

@@ -40,7 +40,8 @@ fn writer_child() {
     }
 }
 
-/// What each kind needs between versions.
+/// What each kind needs between versions (one of each lives at a time: no need to box).
+#[allow(clippy::large_enum_variant)]
 enum Writer {
     Project(PathBuf),
     Checkpoint {
@@ -121,8 +122,10 @@ impl Writer {
     fn write(&mut self, version: u64) {
         match self {
             Writer::Project(path) => {
-                let mut p = Project::default();
-                p.default_system_prompt = format!("version {version}");
+                let mut p = Project {
+                    default_system_prompt: format!("version {version}"),
+                    ..Project::default()
+                };
                 for i in 0..40 {
                     p.tasks.push(Task::new(
                         format!("task {i}"),

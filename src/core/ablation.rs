@@ -934,11 +934,13 @@ mod tests {
             evals: 2,
             model: "tiny".into(),
         };
-        let mut base = Project::default();
-        base.tasks = vec![crate::core::project::Task::new(
-            "math",
-            "You are a mathematician.",
-        )];
+        let base = Project {
+            tasks: vec![crate::core::project::Task::new(
+                "math",
+                "You are a mathematician.",
+            )],
+            ..Project::default()
+        };
         let runs = plan.runs();
         let projects: Vec<Project> = runs.iter().map(|k| plan.project_for(&base, k)).collect();
         // Every run is asked chained instructions at evaluation; only `sit` trains on them.

@@ -318,8 +318,10 @@ mod tests {
             ),
         )
         .unwrap();
-        let mut project = Project::default();
-        project.base_dir = dir.path().to_path_buf();
+        let mut project = Project {
+            base_dir: dir.path().to_path_buf(),
+            ..Project::default()
+        };
         let mut task = Task::new("graded", "You are graded.");
         task.sources
             .push(crate::core::project::Source::new("graded.jsonl"));

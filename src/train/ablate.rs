@@ -1,4 +1,5 @@
-//! Runs an ablation: every run of the plan in turn on the trainer thread, each in its own folder
+//! Runs an ablation: every run of the plan in turn, on the trainer thread or in a trainer process
+//! (as the studio does, so that a run out of memory does not take the window), each in its own folder
 //! under `OUT/runs`, skipping the ones already finished and resuming an interrupted one from its
 //! checkpoint — so a second invocation with the same folder carries on where the first stopped.
 
@@ -10,9 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::core::ablation::{AblationPlan, AblationResults, RunKey, RunRecord};
-use crate::core::events::TrainEvent;
+use crate::core::events::{TrainCommand, TrainEvent};
 use crate::core::fsutil::write_atomic;
 use crate::core::project::Project;
+use crate::train::process::{TrainerProcess, spawn_run_process};
 use crate::train::trainer::latest_checkpoint;
 use crate::train::worker::{ModelChoice, RunSpec, resume_spec, spawn_run};
 
@@ -118,6 +120,20 @@ pub fn run_ablation(
     stop: &Arc<AtomicBool>,
     progress: &mut dyn FnMut(AblationProgress),
 ) -> anyhow::Result<bool> {
+    run_ablation_in(project, plan, out, stop, None, progress)
+}
+
+/// [`run_ablation`], each run in a child `trainer` process when one is given (the studio's
+/// way: a run killed for memory fails the ablation with a message, the window stays), on a
+/// thread of this process otherwise.
+pub fn run_ablation_in(
+    project: &Project,
+    plan: &AblationPlan,
+    out: &Path,
+    stop: &Arc<AtomicBool>,
+    trainer: Option<&TrainerProcess>,
+    progress: &mut dyn FnMut(AblationProgress),
+) -> anyhow::Result<bool> {
     prepare_folder(out, project, plan)?;
     // Every run trains the project as it was when the ablation started, even when resumed
     // after the project was edited.
@@ -155,10 +171,17 @@ pub fn run_ablation(
             key,
             resumed: resumable,
         });
-        let handle = spawn_run(spec, Arc::new(|| {}))?;
+        let handle = match trainer {
+            Some(process) => spawn_run_process(spec, Arc::new(|| {}), process)?,
+            None => spawn_run(spec, Arc::new(|| {}))?,
+        };
+        let mut stop_sent = false;
         let ending = loop {
-            if stop.load(Ordering::SeqCst) {
+            if !stop_sent && stop.load(Ordering::SeqCst) {
+                // The flag stops a thread's run; a trainer process hears the command.
                 handle.stop.store(true, Ordering::SeqCst);
+                let _ = handle.commands.try_send(TrainCommand::Stop);
+                stop_sent = true;
             }
             match handle.events.recv_timeout(Duration::from_millis(200)) {
                 Ok(event) => {

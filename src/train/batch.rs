@@ -196,10 +196,11 @@ pub fn batch_loss(model: &Decoder, batch: &Batch) -> Result<Tensor> {
 /// The weighted loss (a scalar) and every target's log-probability `[b·(t−1)]`, from which
 /// per-task losses are read.
 pub fn batch_loss_parts(model: &Decoder, batch: &Batch) -> Result<(Tensor, Tensor)> {
-    if model.fused() && !batch.trained_only.at.is_empty() {
-        if let Some(x) = model.hidden_train(&batch.input_ids, &batch.positions, &batch.mask)? {
-            return loss_of_hidden(model, batch, &x, true);
-        }
+    if model.fused()
+        && !batch.trained_only.at.is_empty()
+        && let Some(x) = model.hidden_train(&batch.input_ids, &batch.positions, &batch.mask)?
+    {
+        return loss_of_hidden(model, batch, &x, true);
     }
     let logits = model.forward_train(&batch.input_ids, &batch.positions, &batch.mask)?;
     loss_of_logits(model, batch, &logits)
@@ -233,7 +234,7 @@ fn loss_of_hidden(
     fused: bool,
 ) -> Result<(Tensor, Tensor)> {
     let sel = &batch.trained_only;
-    if !(fused && !sel.at.is_empty()) {
+    if !fused || sel.at.is_empty() {
         return loss_of_logits(model, batch, &model.logits(hidden, fused)?);
     }
     // Only the trained positions go through the vocabulary-sized head: in an instruction

@@ -37,6 +37,9 @@ pub enum GgufError {
         name: String,
         why: String,
     },
+    /// The weights would not fit in the memory available.
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// What a GGUF file holds besides the weights: its tokenizer and chat template.
@@ -575,6 +578,22 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LoadedModel, GgufExtra
     };
     config.llama3_rope = rope_scaling(&meta, &content, &mut file, &config)?;
     config.check().map_err(|why| meta.err(why))?;
+    // Tensors are read one at a time: the f32 weights and the largest quantized tensor.
+    let largest = content
+        .tensor_infos
+        .values()
+        .map(|t| {
+            (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+        })
+        .max()
+        .unwrap_or(0);
+    crate::train::memory::check_load_fits(
+        path,
+        crate::train::load::parameter_count(&config),
+        device.is_cpu(),
+        2 * largest,
+    )
+    .map_err(GgufError::Memory)?;
 
     let expected: HashMap<String, Vec<usize>> = weight_shapes(&config).into_iter().collect();
     let weights = VarMap::new();

@@ -786,9 +786,9 @@ impl RopeOp {
     /// Heads per token of `[b, t, heads, d]`, or of `[b·t, heads·d]`.
     fn heads(&self, shape: &Shape) -> Result<usize> {
         let d = 2 * self.tables.half;
-        let (tokens, heads, width) = match shape.dims() {
-            &[b, t, heads, width] => (b * t, heads, width),
-            &[m, cols] if d > 0 && cols % d == 0 => (m, cols / d, d),
+        let (tokens, heads, width) = match *shape.dims() {
+            [b, t, heads, width] => (b * t, heads, width),
+            [m, cols] if d > 0 && cols % d == 0 => (m, cols / d, d),
             _ => (0, 0, 0),
         };
         if width != d || self.positions.len() != tokens {

@@ -42,6 +42,9 @@ pub enum LoadError {
     /// Building the model failed.
     #[error("cannot build the model: {0}")]
     Build(String),
+    /// The weights would not fit in the memory available.
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// A model read from disk, its weights trainable.
@@ -101,6 +104,14 @@ pub fn read_safetensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, Ten
     })
 }
 
+/// The parameters a config's weights hold.
+pub fn parameter_count(config: &ModelConfig) -> u64 {
+    weight_shapes(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
 /// Loads a Hugging Face model folder onto `device` as trainable f32 weights.
 pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
     let config_path = dir.join("config.json");
@@ -113,6 +124,19 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, LoadEr
     let config = ModelConfig::load(&config_path)?;
     let files = weight_files(dir)?;
     let expected: HashMap<String, Vec<usize>> = weight_shapes(&config).into_iter().collect();
+    // Each file is read whole, and its tensors are kept in the file's type until every file is
+    // read: about the files' size again beside the f32 weights.
+    let file_bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    crate::train::memory::check_load_fits(
+        dir,
+        parameter_count(&config),
+        device.is_cpu(),
+        2 * file_bytes,
+    )
+    .map_err(LoadError::Memory)?;
     let mut found: HashMap<String, Tensor> = HashMap::with_capacity(expected.len());
     for path in &files {
         let bytes = std::fs::read(path).map_err(|e| LoadError::Safetensors {
@@ -250,6 +274,47 @@ mod tests {
         .unwrap();
         let loaded = load_hf_folder(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(logits(&model), logits(&loaded.model));
+    }
+
+    #[test]
+    fn a_model_too_big_for_memory_is_refused_with_the_numbers_before_its_weights_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // A 405-billion-parameter shape: 1.6 TB as f32, beyond any machine this runs on.
+        let config = ModelConfig {
+            vocab_size: 128_256,
+            hidden_size: 16_384,
+            intermediate_size: 53_248,
+            num_hidden_layers: 126,
+            num_attention_heads: 128,
+            num_key_value_heads: Some(8),
+            max_position_embeddings: 4096,
+            ..ModelConfig::tiny(128_256)
+        };
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_string(&config).unwrap(),
+        )
+        .unwrap();
+        // Not safetensors at all: reading it would fail with another message.
+        std::fs::write(dir.path().join("model.safetensors"), b"not weights").unwrap();
+        let err = load_hf_folder(dir.path(), &Device::Cpu).err().unwrap();
+        let LoadError::Memory(text) = &err else {
+            panic!("expected a memory refusal, got {err}");
+        };
+        assert!(parameter_count(&config) > 400_000_000_000);
+        for part in [
+            "needs about",
+            "billion parameters as f32",
+            "GiB of memory is available",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text}");
+        }
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        // The small model beside it loads (the check does not refuse what fits).
+        let small = tempfile::tempdir().unwrap();
+        let (_, varmap) = new_trainable(&cfg(), 7, &Device::Cpu).unwrap();
+        save(small.path(), &varmap, &cfg());
+        assert!(load_hf_folder(small.path(), &Device::Cpu).is_ok());
     }
 
     #[test]

@@ -156,6 +156,47 @@ pub fn available_bytes() -> Option<u64> {
     Some(cgroup().map_or(available, |c| c.min(available)))
 }
 
+/// What loading a model takes before any step: its weights as f32 (where they land in this
+/// process's memory, on the CPU) and `buffers`, the bytes of the file held while it is read.
+/// Refuses, with the numbers, when that is more than the memory available now, instead of
+/// being killed half-way through the load.
+pub fn check_load_fits(
+    path: &std::path::Path,
+    parameters: u64,
+    on_cpu: bool,
+    buffers: u64,
+) -> Result<(), String> {
+    let weights = if on_cpu { parameters * F32 } else { 0 };
+    let needed = weights + buffers;
+    match available_bytes() {
+        Some(available) if needed > available => {
+            Err(load_refusal(path, parameters, weights, buffers, available))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn load_refusal(
+    path: &std::path::Path,
+    parameters: u64,
+    weights: u64,
+    buffers: u64,
+    available: u64,
+) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    format!(
+        "loading {} needs about {:.1} GiB ({:.2} billion parameters as f32: {:.1} GiB, the file's \
+         buffers {:.1} GiB) but {:.1} GiB of memory is available; choose a smaller model or free \
+         memory",
+        path.display(),
+        (weights + buffers) as f64 / GIB,
+        parameters as f64 / 1e9,
+        weights as f64 / GIB,
+        buffers as f64 / GIB,
+        available as f64 / GIB,
+    )
+}
+
 /// This process's resident memory now and at its peak, in bytes.
 pub fn resident_bytes() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

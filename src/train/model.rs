@@ -197,13 +197,7 @@ impl Proj {
     /// The fused path: one 2-D matmul over every token (no weight broadcast over the batch and
     /// no batched weight gradient to sum), and a frozen weight's gradient never computed.
     fn forward_flat(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut out = x.dims().to_vec();
-        // A 2-D input is used as it is: every reshape is one more gradient for candle to add.
-        let x2 = if out.len() == 2 {
-            x.clone()
-        } else {
-            x.reshape(((), *out.last().unwrap_or(&0)))?
-        };
+        let (x2, lead) = flat_tokens(x)?;
         let w = self.base.weight();
         let dropout = |l: &LoraAdapter| {
             (train && l.dropout > 0.0).then(|| l.rng.keep(x2.elem_count(), l.dropout))
@@ -230,13 +224,7 @@ impl Proj {
         if let Some(bias) = self.base.bias() {
             y = y.broadcast_add(bias)?;
         }
-        if out.len() == 2 {
-            return Ok(y);
-        }
-        if let Some(last) = out.last_mut() {
-            *last = y.dim(1)?;
-        }
-        y.reshape(out)
+        unflat_tokens(y, &lead)
     }
 
     /// The weight when this projection is a plain one (no adapter, no bias) — what
@@ -244,6 +232,30 @@ impl Proj {
     fn plain_weight(&self) -> Option<&Tensor> {
         (self.lora.is_none() && self.base.bias().is_none()).then(|| self.base.weight())
     }
+}
+
+/// `x` as the fused path's `[tokens, features]`, and the dims before its last, to give the
+/// result its shape back. A 2-D input is used as it is: every reshape is one more gradient for
+/// candle's backward pass to add.
+fn flat_tokens(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims();
+    let lead = dims[..dims.len().saturating_sub(1)].to_vec();
+    let flat = if dims.len() == 2 {
+        x.clone()
+    } else {
+        x.reshape(((), *dims.last().unwrap_or(&0)))?
+    };
+    Ok((flat, lead))
+}
+
+/// `y` (`[tokens, features]`) back in the leading dims [`flat_tokens`] took off.
+fn unflat_tokens(y: Tensor, lead: &[usize]) -> Result<Tensor> {
+    if lead.len() <= 1 {
+        return Ok(y);
+    }
+    let mut dims = lead.to_vec();
+    dims.push(y.dim(1)?);
+    y.reshape(dims)
 }
 
 /// Where LoRA adapters come from while a decoder is built.
@@ -327,12 +339,7 @@ impl Attention {
         if let Some(f) = &pass.fused {
             // Tokens stay flat, `[b·t, heads·d]` (the memory of `[b, t, heads, d]`), throughout:
             // no transposes to copy and no reshapes for the backward pass to carry.
-            let dims = x.dims().to_vec();
-            let x2 = if dims.len() == 2 {
-                x.clone()
-            } else {
-                x.flatten_to(dims.len().saturating_sub(2))?
-            };
+            let (x2, lead) = flat_tokens(x)?;
             let q = self.q.forward(&x2, train, true)?;
             let k = self.k.forward(&x2, train, true)?;
             let v = self.v.forward(&x2, train, true)?;
@@ -340,11 +347,7 @@ impl Attention {
             let k = kernels::rope(&k, f.positions.clone(), f.tables.clone())?;
             let out = kernels::attention_flat(&q, &k, &v, f.segments.clone(), f.rows, self.head)?;
             let y = self.o.forward(&out, train, true)?;
-            return if dims.len() == 2 {
-                Ok(y)
-            } else {
-                y.reshape(dims)
-            };
+            return unflat_tokens(y, &lead);
         }
         let (b, t, _) = x.dims3()?;
         let mask = pass
@@ -429,26 +432,15 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
-        if fused {
-            if let (Some(g), Some(u)) = (self.gate.plain_weight(), self.up.plain_weight()) {
-                if g.is_variable() == u.is_variable() {
-                    // Gate, up and SwiGLU in one op over every token.
-                    let dims = x.dims().to_vec();
-                    let hid = *dims.last().unwrap_or(&0);
-                    let x2 = if dims.len() == 2 {
-                        x.clone()
-                    } else {
-                        x.reshape(((), hid))?
-                    };
-                    let h = kernels::gated_up(&x2, g, u, g.is_variable())?;
-                    let y = self.down.forward(&h, train, true)?;
-                    return if dims.len() == 2 {
-                        Ok(y)
-                    } else {
-                        y.reshape(dims)
-                    };
-                }
-            }
+        if fused
+            && let (Some(g), Some(u)) = (self.gate.plain_weight(), self.up.plain_weight())
+            && g.is_variable() == u.is_variable()
+        {
+            // Gate, up and SwiGLU in one op over every token.
+            let (x2, lead) = flat_tokens(x)?;
+            let h = kernels::gated_up(&x2, g, u, g.is_variable())?;
+            let y = self.down.forward(&h, train, true)?;
+            return unflat_tokens(y, &lead);
         }
         let gate = self.gate.forward(x, train, fused)?;
         let up = self.up.forward(x, train, fused)?;

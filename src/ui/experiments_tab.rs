@@ -14,7 +14,7 @@ use egui_plot::{Legend, Line, LineStyle, Plot, PlotPoints};
 use crate::core::ablation::{AblationPlan, AblationResults, Metric, RunKey, RunRecord, Variant};
 use crate::core::events::{PromptKind, TrainEvent};
 use crate::core::settings::AttentionLayout;
-use crate::train::ablate::{AblationProgress, load_ablation, run_ablation};
+use crate::train::ablate::{AblationProgress, load_ablation, run_ablation_in};
 use crate::ui::app::StudioApp;
 
 /// What the ablation thread tells the tab.
@@ -276,6 +276,8 @@ impl StudioApp {
         let (tx, rx) = crossbeam_channel::bounded(256);
         let stop = Arc::new(AtomicBool::new(false));
         let project = self.project.clone();
+        // Each run in its own trainer process, as the Train tab's runs are.
+        let trainer = self.trainer_process.clone();
         let wake =
             crate::core::events::rate_limited(self.wake.clone(), crate::ui::events::LIVE_WAKE_GAP);
         let (thread_plan, thread_folder, thread_stop) =
@@ -283,11 +285,12 @@ impl StudioApp {
         let spawned = std::thread::Builder::new()
             .name("ablation".to_string())
             .spawn(move || {
-                let result = run_ablation(
+                let result = run_ablation_in(
                     &project,
                     &thread_plan,
                     &thread_folder,
                     &thread_stop,
+                    trainer.as_ref(),
                     &mut |p| {
                         let _ = tx.send(AblationMsg::Progress(p));
                         wake();

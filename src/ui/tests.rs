@@ -940,3 +940,64 @@ fn a_trainer_out_of_memory_fails_its_run_with_a_message_while_the_studio_stays_u
         (1..=12).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn an_ablation_from_the_experiments_tab_trains_in_a_trainer_process_and_survives_its_death() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_copy(dir.path());
+    let (mut h, wake) = harness(|w| StudioApp::open(path.clone(), w));
+    wait_until(&mut h, &wake, "the data", |a| !a.is_loading());
+    h.state_mut().project.default_system_prompt = "You are a careful assistant.".into();
+    // The first run's first step asks for 8 GiB past the child's 4 GiB limit. A run on a thread
+    // of this process would not see the variable and would finish.
+    h.state_mut().trainer_process = Some(child_trainer(&[(
+        "MOI_TEST_ALLOCATE_AT_STEP",
+        "1:8589934592",
+    )]));
+    {
+        let e = &mut h.state_mut().experiments;
+        e.variants = [false; crate::core::ablation::Variant::ALL.len()];
+        e.variants[crate::core::ablation::Variant::ALL
+            .iter()
+            .position(|v| *v == crate::core::ablation::Variant::Moi)
+            .unwrap()] = true;
+        e.attentions = [true, false, false];
+        e.tokens = 1024;
+        e.seeds = "1".into();
+        e.evals = 1;
+    }
+    h.state_mut().set_tab(Tab::Experiments);
+    h.run_steps(2);
+    h.get_by_label("Run ablation").click();
+    h.run_steps(1);
+    assert!(
+        h.state().experiments.is_running(),
+        "{:?}",
+        h.state().experiments.error
+    );
+    wait_until(&mut h, &wake, "the failed ablation", |a| {
+        !a.experiments.is_running()
+    });
+    let error = h.state().experiments.error.clone().unwrap_or_default();
+    assert!(error.contains("ran out of memory"), "{error}");
+    assert!(!h.state().experiments.complete);
+    h.run_steps(2);
+    assert!(h.query_all_by_label_contains("ran out of memory").count() >= 1);
+    assert_eq!(
+        h.state().project.default_system_prompt,
+        "You are a careful assistant."
+    );
+
+    // Without the fault the same plan runs to the end in the child and reports.
+    h.state_mut().trainer_process = Some(child_trainer(&[]));
+    h.get_by_label("Run ablation").click();
+    h.run_steps(1);
+    wait_until(&mut h, &wake, "the ablation", |a| {
+        !a.experiments.is_running()
+    });
+    assert_eq!(h.state().experiments.error, None);
+    assert!(h.state().experiments.complete);
+    let folder = h.state().experiments.folder.clone().unwrap();
+    let (plan, results) = crate::train::ablate::load_ablation(&folder).unwrap();
+    assert!(plan.runs().iter().all(|k| results.runs[k].finished));
+}
