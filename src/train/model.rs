@@ -374,7 +374,11 @@ impl Attention {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
-            *slot = Some((k.clone(), v.clone()));
+            // Detached: generation never goes backward, and with the trained weights' graph
+            // attached every cached step would keep the step before it alive, and with it
+            // that step's attention over the whole cache (memory growing with the square of
+            // the tokens generated).
+            *slot = Some((k.detach(), v.detach()));
         }
         // Grouped-query attention: each key/value head serves `heads / kv_heads` query heads.
         let groups = self.heads / self.kv_heads;
@@ -952,7 +956,8 @@ impl Decoder {
             .collect();
         let mask = Mask::Additive(Tensor::from_vec(mask, (1, 1, n, total), &self.device)?);
         let logits = self.run(&ids, &positions, &mask, Some(cache), false)?;
-        logits.i((0, n - 1))
+        // Detached, so that the step's graph (every layer's activations) is freed now.
+        Ok(logits.i((0, n - 1))?.detach())
     }
 
     /// Greedy (temperature 0) or sampled generation of up to `max_new` tokens after `prompt`,
@@ -1473,6 +1478,12 @@ mod tests {
         model.step(&[4], &mut cache).unwrap();
         let last = model.step(&[5, 6], &mut cache).unwrap();
         assert_eq!(cache.len(), 6);
+        // Nothing a step returns or caches holds on to the graph of the weights: each step's
+        // activations are freed when it ends.
+        assert!(!last.track_op());
+        for (k, v) in cache.layers.iter().flatten() {
+            assert!(!k.track_op() && !v.track_op());
+        }
         let diff: f32 = (full - last)
             .unwrap()
             .abs()
