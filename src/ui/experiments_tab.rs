@@ -456,9 +456,13 @@ impl StudioApp {
             .height(260.0)
             .legend(Legend::default())
             .x_axis_label("tokens trained")
-            .y_axis_label(metric.label());
+            .y_axis_label(metric.label())
+            // From the first token and from zero: one evaluation so far is a point, not a span
+            // of one token and one loss value.
+            .include_x(0.0)
+            .include_y(0.0);
         if metric == Metric::ExactMatch {
-            plot = plot.include_y(0.0).include_y(1.0);
+            plot = plot.include_y(1.0);
         }
         plot.show(ui, |plot| {
             for (i, (label, points)) in default.iter().enumerate() {
