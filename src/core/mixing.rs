@@ -128,6 +128,14 @@ impl PreparedTask {
     pub fn tokens(&self) -> u64 {
         self.samples.iter().map(|s| s.input_ids.len() as u64).sum()
     }
+
+    /// Tokens trained on (label kept) in all samples.
+    pub fn trained_tokens(&self) -> u64 {
+        self.samples
+            .iter()
+            .map(|s| s.labels.iter().filter(|&&l| l >= 0).count() as u64)
+            .sum()
+    }
 }
 
 /// Everything packing needs: every task's samples and the default-prompt prefix.

@@ -564,24 +564,18 @@ fn run_worker(
     // Memory is planned before the first step: lower the micro-batch, or refuse with the numbers,
     // rather than be killed half-way.
     let lora_settings = &project.training.lora;
-    let (trained_tokens, all_tokens) =
-        prepared
-            .tasks
-            .iter()
-            .flat_map(|t| &t.samples)
-            .fold((0u64, 0u64), |(tr, all), s| {
-                (
-                    tr + s.labels.iter().filter(|&&l| l >= 0).count() as u64,
-                    all + s.input_ids.len() as u64,
-                )
-            });
+    let tasks = &prepared.tasks;
+    let trained_share = memory::trained_share(
+        tasks.iter().map(|t| t.trained_tokens()).sum(),
+        tasks.iter().map(|t| t.tokens()).sum(),
+    );
     let shape = memory::RunShape {
         config,
         trainable,
         lora: lora_settings.enabled.then_some(lora_settings),
         fused: parts.model.fused(),
         checkpointing: project.training.activation_checkpointing,
-        trained_share: memory::trained_share(trained_tokens, all_tokens),
+        trained_share,
     };
     let plan = memory::plan(
         &shape,
